@@ -1,0 +1,3 @@
+"""jaxdistill: knowledge distillation of causal language models in JAX/Flax."""
+
+__version__ = "0.1.0"

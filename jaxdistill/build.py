@@ -1,0 +1,42 @@
+"""Turns a validated config into its parts: the tokenizer and the teacher/student models."""
+
+import contextlib
+
+import jax
+
+from jaxdistill.config import Config, ModelSpec
+from jaxdistill.errors import ModelLoadError
+from jaxdistill.models import hf_io, transformer
+from jaxdistill.models.config import to_hf_config
+from jaxdistill.tokenizer import load_tokenizer
+
+
+@contextlib.contextmanager
+def _blame(field: str):
+  """Prefixes a load error with the config field that named the missing or broken thing."""
+  try:
+    yield
+  except ModelLoadError as e:
+    raise ModelLoadError(f"{field}: {e}") from None
+
+
+def build_tokenizer(cfg: Config):
+  """The run's tokenizer: `cfg.tokenizer`, or the student checkpoint's when that is empty."""
+  if cfg.tokenizer:
+    with _blame("tokenizer"):
+      return load_tokenizer(cfg.tokenizer, cfg.student.revision)
+  with _blame("student.name_or_path"):
+    return load_tokenizer(cfg.student.name_or_path, cfg.student.revision)
+
+
+def build_model(spec: ModelSpec, vocab_size: int, rng: jax.Array, field: str) -> hf_io.Pretrained:
+  """Loads `spec.name_or_path`, or initialises `spec.arch` (vocabulary from the tokenizer if unset).
+
+  `field` names the config group ('teacher' or 'student') in error messages.
+  """
+  if spec.name_or_path:
+    with _blame(f"{field}.name_or_path"):
+      return hf_io.load_pretrained(spec.name_or_path, spec.revision, spec.param_dtype, spec.dtype)
+  cfg = spec.arch.model_config(vocab_size, spec.param_dtype, spec.dtype)
+  params = transformer.init_params(cfg, rng)
+  return hf_io.Pretrained(config=cfg, params=params, hf_config=to_hf_config(cfg), path="")

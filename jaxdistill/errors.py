@@ -1,0 +1,21 @@
+"""User-facing errors: each one is printed as a single line by the entry points."""
+
+
+class JaxDistillError(Exception):
+  """Base class for errors the command-line programs report without a traceback."""
+
+
+class ConfigError(JaxDistillError):
+  """A config field holds a value that is not allowed."""
+
+  def __init__(self, field: str, value, allowed: str):
+    self.field, self.value, self.allowed = field, value, allowed
+    super().__init__(f"config field '{field}' = {value!r} is not allowed: {allowed}")
+
+
+class ModelLoadError(JaxDistillError):
+  """A checkpoint could not be found, read or converted."""
+
+
+class CommandLineError(JaxDistillError):
+  """The command line could not be parsed, or the config file could not be loaded."""

@@ -1,0 +1,5 @@
+"""Flax causal LMs and their Hugging Face checkpoint I/O."""
+
+from jaxdistill.models.config import SUPPORTED_FAMILIES, ModelConfig, RopeConfig, from_hf_config, to_hf_config
+from jaxdistill.models.hf_io import Pretrained, load_pretrained, save_pretrained
+from jaxdistill.models.transformer import LMOutput, default_positions, forward, init_params, param_shapes, unembed

@@ -1,0 +1,226 @@
+"""Architecture description of a causal LM, read from and written to Hugging Face `config.json`.
+
+`ModelConfig` is the one typed, frozen (hashable, so usable as a static jit argument) description
+the Flax model code sees. Each supported family has a reader (`config.json` dict -> ModelConfig)
+and a writer (ModelConfig -> `config.json` dict that `transformers` loads).
+"""
+
+import dataclasses
+from typing import Any
+
+from jaxdistill.errors import ModelLoadError
+
+DTYPES = ("float32", "bfloat16", "float16")
+ROPE_TYPES = ("default", "linear", "llama3")
+ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+  """Rotary position embedding; `rope_type` follows transformers' `rope_type` names."""
+  theta: float = 10000.0
+  rope_type: str = "default"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything the forward pass needs to know about an architecture."""
+  family: str                     # one of SUPPORTED_FAMILIES
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  intermediate_size: int
+  max_position_embeddings: int
+  norm: str = "rms"               # 'rms' (Llama, Qwen) or 'layer' (GPT-2)
+  norm_eps: float = 1e-6
+  activation: str = "silu"
+  gated_mlp: bool = True          # SwiGLU-style gate/up/down (Llama, Qwen) vs fc/proj (GPT-2)
+  rope: RopeConfig | None = RopeConfig()  # None: learned absolute positions (GPT-2)
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  qk_norm: bool = False           # RMSNorm over head_dim on queries and keys (Qwen3)
+  tie_word_embeddings: bool = False
+  scale_attn_by_inverse_layer_idx: bool = False  # GPT-2 option
+  param_dtype: str = "float32"    # storage dtype of the parameters
+  dtype: str = "float32"          # compute dtype of activations and matmuls
+
+  def with_dtypes(self, param_dtype: str, dtype: str) -> "ModelConfig":
+    for name, value in (("param_dtype", param_dtype), ("dtype", dtype)):
+      if value not in DTYPES:
+        raise ModelLoadError(f"{name} {value!r} is not one of {', '.join(DTYPES)}")
+    return dataclasses.replace(self, param_dtype=param_dtype, dtype=dtype)
+
+
+def _require(hf: dict[str, Any], key: str, where: str):
+  if key not in hf or hf[key] is None:
+    raise ModelLoadError(f"{where}: config.json has no '{key}', which the {hf.get('model_type')} family needs")
+  return hf[key]
+
+
+def _rope_from_hf(hf: dict[str, Any], where: str) -> RopeConfig:
+  # transformers >= 5 writes `rope_parameters` (theta inside); older files use `rope_theta` + `rope_scaling`.
+  params = dict(hf.get("rope_parameters") or {})
+  scaling = dict(hf.get("rope_scaling") or {})
+  params = {**scaling, **params}
+  theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  if rope_type not in ROPE_TYPES:
+    raise ModelLoadError(f"{where}: rope_type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+  if rope_type == "default":
+    return RopeConfig(theta=theta)
+  factor = float(_require(params, "factor", where + " rope_scaling"))
+  if rope_type == "linear":
+    return RopeConfig(theta=theta, rope_type="linear", factor=factor)
+  return RopeConfig(
+      theta=theta, rope_type="llama3", factor=factor,
+      low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+      high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+      original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)))
+
+
+def _rope_to_hf(rope: RopeConfig) -> dict[str, Any]:
+  scaling = None
+  if rope.rope_type == "linear":
+    scaling = {"rope_type": "linear", "factor": rope.factor}
+  elif rope.rope_type == "llama3":
+    scaling = {"rope_type": "llama3", "factor": rope.factor, "low_freq_factor": rope.low_freq_factor,
+               "high_freq_factor": rope.high_freq_factor,
+               "original_max_position_embeddings": rope.original_max_position_embeddings}
+  return {"rope_theta": rope.theta, "rope_scaling": scaling}
+
+
+def _check_activation(act: str, where: str) -> str:
+  if act not in ACTIVATIONS:
+    raise ModelLoadError(f"{where}: activation {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+  return act
+
+
+def _llama_like_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
+  family = hf["model_type"]
+  if hf.get("use_sliding_window"):
+    raise ModelLoadError(f"{where}: use_sliding_window=true is not supported; only full attention is")
+  hidden = int(_require(hf, "hidden_size", where))
+  heads = int(_require(hf, "num_attention_heads", where))
+  head_dim = hf.get("head_dim") or hidden // heads
+  attention_bias = bool(hf.get("attention_bias", False))
+  return ModelConfig(
+      family=family,
+      vocab_size=int(_require(hf, "vocab_size", where)),
+      hidden_size=hidden,
+      num_layers=int(_require(hf, "num_hidden_layers", where)),
+      num_heads=heads,
+      num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+      head_dim=int(head_dim),
+      intermediate_size=int(_require(hf, "intermediate_size", where)),
+      max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+      norm="rms",
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      activation=_check_activation(hf.get("hidden_act", "silu"), where),
+      gated_mlp=True,
+      rope=_rope_from_hf(hf, where),
+      # Qwen2 always has q/k/v biases and no o bias; Llama and Qwen3 put `attention_bias` on all four.
+      qkv_bias=True if family == "qwen2" else attention_bias,
+      o_bias=False if family == "qwen2" else attention_bias,
+      mlp_bias=bool(hf.get("mlp_bias", False)),
+      qk_norm=family == "qwen3",
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+  )
+
+
+def _llama_like_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  out = {
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim, "hidden_act": cfg.activation,
+      "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.norm_eps,
+      "tie_word_embeddings": cfg.tie_word_embeddings, **_rope_to_hf(cfg.rope),
+  }
+  if cfg.family == "qwen2":
+    out["use_sliding_window"] = False
+  else:
+    out["attention_bias"] = cfg.qkv_bias
+  if cfg.family == "qwen3":
+    out["use_sliding_window"] = False
+  if cfg.family == "llama":
+    out["mlp_bias"] = cfg.mlp_bias
+  return out
+
+
+def _gpt2_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
+  if hf.get("reorder_and_upcast_attn"):
+    raise ModelLoadError(f"{where}: reorder_and_upcast_attn=true is not supported")
+  if not hf.get("scale_attn_weights", True):
+    raise ModelLoadError(f"{where}: scale_attn_weights=false is not supported")
+  hidden = int(_require(hf, "n_embd", where))
+  heads = int(_require(hf, "n_head", where))
+  return ModelConfig(
+      family="gpt2",
+      vocab_size=int(_require(hf, "vocab_size", where)),
+      hidden_size=hidden,
+      num_layers=int(_require(hf, "n_layer", where)),
+      num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+      intermediate_size=int(hf.get("n_inner") or 4 * hidden),
+      max_position_embeddings=int(_require(hf, "n_positions", where)),
+      norm="layer",
+      norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+      activation=_check_activation(hf.get("activation_function", "gelu_new"), where),
+      gated_mlp=False, rope=None, qkv_bias=True, o_bias=True, mlp_bias=True,
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+      scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
+  )
+
+
+def _gpt2_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  return {
+      "vocab_size": cfg.vocab_size, "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers,
+      "n_head": cfg.num_heads, "n_inner": cfg.intermediate_size,
+      "n_positions": cfg.max_position_embeddings, "layer_norm_epsilon": cfg.norm_eps,
+      "activation_function": cfg.activation, "scale_attn_weights": True,
+      "scale_attn_by_inverse_layer_idx": cfg.scale_attn_by_inverse_layer_idx,
+      "reorder_and_upcast_attn": False, "tie_word_embeddings": cfg.tie_word_embeddings,
+      "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+  }
+
+
+# model_type -> (reader, writer, transformers architecture class name)
+_FAMILIES = {
+    "llama": (_llama_like_from_hf, _llama_like_to_hf, "LlamaForCausalLM"),
+    "qwen2": (_llama_like_from_hf, _llama_like_to_hf, "Qwen2ForCausalLM"),
+    "qwen3": (_llama_like_from_hf, _llama_like_to_hf, "Qwen3ForCausalLM"),
+    "gpt2": (_gpt2_from_hf, _gpt2_to_hf, "GPT2LMHeadModel"),
+}
+SUPPORTED_FAMILIES = tuple(_FAMILIES)
+
+
+def check_family(model_type, where: str) -> None:
+  if model_type not in _FAMILIES:
+    raise ModelLoadError(
+        f"{where}: model_type {model_type!r} is not supported; supported families: "
+        f"{', '.join(SUPPORTED_FAMILIES)}")
+
+
+def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
+  """Reads a transformers `config.json` dict; raises ModelLoadError naming what is wrong."""
+  check_family(hf.get("model_type"), where)
+  return _FAMILIES[hf["model_type"]][0](hf, where)
+
+
+def to_hf_config(cfg: ModelConfig, base: dict[str, Any] | None = None,
+                 torch_dtype: str = "float32") -> dict[str, Any]:
+  """A `config.json` dict for `cfg`; fields of `base` (e.g. token ids) are kept unless `cfg` owns them."""
+  _, writer, architecture = _FAMILIES[cfg.family]
+  out = dict(base or {})
+  for stale in ("rope_parameters", "transformers_version", "_name_or_path"):
+    out.pop(stale, None)
+  out.update(writer(cfg))
+  out.update({"model_type": cfg.family, "architectures": [architecture], "torch_dtype": torch_dtype})
+  return out

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random transformers models of every supported family, saved in HF format."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here; a hub id must fail fast with our message
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")  # fp32 parity needs full-precision dots
+
+VOCAB = 97
+ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8}
+
+# name -> (transformers config class name, kwargs): one per family and feature the parity tests cover.
+FAMILY_CONFIGS = {
+    "llama_gqa_untied": ("LlamaConfig", dict(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama3_rope_tied": ("LlamaConfig", dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
+        rope_scaling=ROPE_LLAMA3, rope_theta=500000.0)),
+    "qwen2": ("Qwen2Config", dict(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
+    "gpt2": ("GPT2Config", dict(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+        eos_token_id=0)),
+}
+
+
+def make_torch_model(name: str, seed: int = 0):
+  """A transformers model with random weights large enough that errors would show (eager attention)."""
+  import torch
+  import transformers
+
+  class_name, kwargs = FAMILY_CONFIGS[name]
+  config = getattr(transformers, class_name)(**kwargs)
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+  with torch.no_grad():  # default init leaves norms at 1 and biases at 0: perturb everything
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.05)
+  return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+  """name -> (directory with config.json + model.safetensors, the transformers model)."""
+  out = {}
+  for name in FAMILY_CONFIGS:
+    model = make_torch_model(name)
+    path = str(tmp_path_factory.mktemp(name))
+    model.save_pretrained(path)
+    out[name] = (path, model)
+  return out
+
+
+def padded_batch(side: str, batch: int = 3, length: int = 9, seed: int = 0):
+  """Token ids and a mask padded on `side` ('left', 'right' or 'none'): rows pad 0, 2 and 4 tokens."""
+  rng = np.random.RandomState(seed)
+  ids_BxL = rng.randint(0, VOCAB, (batch, length)).astype(np.int32)
+  mask_BxL = np.ones((batch, length), np.int32)
+  if side != "none":
+    for row in range(batch):
+      pad = 2 * row
+      if pad:
+        mask_BxL[row, :pad] = 0 if side == "left" else 1
+        mask_BxL[row, length - pad:] = 1 if side == "left" else 0
+  return ids_BxL, mask_BxL

@@ -1,0 +1,102 @@
+"""Config files, overrides, validation and the model-config readers/writers."""
+
+import glob
+
+import pytest
+
+from conftest import FAMILY_CONFIGS, make_torch_model
+from jaxdistill import config as config_lib
+from jaxdistill import models
+from jaxdistill.errors import CommandLineError, ConfigError
+
+CONFIG_FILES = sorted(glob.glob("configs/*.py"))
+
+
+def test_there_are_configs():
+  assert {"configs/cpu_demo.py", "configs/p100.py"} <= set(CONFIG_FILES)
+
+
+@pytest.mark.parametrize("arg", ["", ":smoke"])
+@pytest.mark.parametrize("path", CONFIG_FILES)
+def test_every_config_loads_locked_and_validates(path, arg):
+  cfg = config_lib.load(path + arg)
+  assert cfg.is_locked
+  parsed = config_lib.parse(cfg)
+  assert parsed.data.seq_len >= 2 and parsed.data.batch_size >= 1
+  if arg == ":smoke":  # smoke forms must run offline: no checkpoint to download
+    assert parsed.teacher.arch is not None and parsed.student.arch is not None
+    assert parsed.tokenizer == "byte"
+
+
+def test_p100_pairs_smollm_checkpoints_in_fp32():
+  parsed = config_lib.parse(config_lib.load("configs/p100.py"))
+  assert parsed.teacher.name_or_path == "HuggingFaceTB/SmolLM-360M"
+  assert parsed.student.name_or_path == "HuggingFaceTB/SmolLM-135M"
+  assert parsed.teacher.dtype == parsed.student.dtype == "float32"  # the P100 has no bf16
+  assert parsed.data.seq_len == 512 and parsed.data.batch_size == 16
+
+
+def test_override_changes_one_field():
+  parsed = config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", {"student.dtype": "bfloat16",
+                                                                          "data.seq_len": 16}))
+  assert parsed.student.dtype == "bfloat16" and parsed.teacher.dtype == "float32"
+  assert parsed.data.seq_len == 16
+
+
+def test_unknown_field_cannot_be_added():
+  with pytest.raises(ConfigError, match=r"'student.dtyp'.*an existing field"):
+    config_lib.load("configs/cpu_demo.py:smoke", {"student.dtyp": "bfloat16"})
+
+
+def test_missing_config_file():
+  with pytest.raises(CommandLineError, match=r"no config file 'configs/nope.py'"):
+    config_lib.load("configs/nope.py")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("student.dtype", "float64", r"'student.dtype' = 'float64' is not allowed: one of float32, bfloat16, float16"),
+    ("teacher.param_dtype", "int8", r"'teacher.param_dtype' = 'int8' .* one of float32, bfloat16, float16"),
+    ("student.arch.family", "mamba", r"'student.arch.family' = 'mamba' .* one of llama, qwen2, qwen3, gpt2"),
+    ("student.arch.num_heads", 3, r"'student.arch.num_heads' = 3 .* a divisor of hidden_size=32"),
+    ("student.arch.num_kv_heads", 3, r"'student.arch.num_kv_heads' = 3 .* a divisor of num_heads=4"),
+    ("student.arch.num_layers", 0, r"'student.arch.num_layers' = 0 .* an integer >= 1"),
+    ("data.seq_len", 1, r"'data.seq_len' = 1 .* an integer >= 2"),
+    ("data.batch_size", 0, r"'data.batch_size' = 0 .* an integer >= 1"),
+    ("seed", -1, r"'seed' = -1 .* an integer >= 0"),
+])
+def test_bad_values_name_field_value_and_allowed(field, value, message):
+  cfg = config_lib.load("configs/cpu_demo.py:smoke", {field: value})
+  with pytest.raises(ConfigError, match=message):
+    config_lib.parse(cfg)
+
+
+def test_random_student_needs_a_tokenizer():
+  cfg = config_lib.load("configs/cpu_demo.py:smoke", {"tokenizer": ""})
+  with pytest.raises(ConfigError, match=r"'tokenizer' = '' .*when the student has no checkpoint"):
+    config_lib.parse(cfg)
+
+
+@pytest.mark.parametrize("family, expected", [
+    ("llama", dict(qkv_bias=False, qk_norm=False, norm="rms", gated_mlp=True)),
+    ("qwen2", dict(qkv_bias=True, o_bias=False, qk_norm=False, norm="rms")),
+    ("qwen3", dict(qkv_bias=False, qk_norm=True, norm="rms")),
+    ("gpt2", dict(qkv_bias=True, o_bias=True, norm="layer", gated_mlp=False, rope=None,
+                  activation="gelu_new", tie_word_embeddings=True)),
+])
+def test_arch_builds_the_family_transformers_defines(family, expected):
+  arch = config_lib.ArchSpec(family=family, vocab_size=0, hidden_size=32, num_layers=2, num_heads=4,
+                             num_kv_heads=2 if family != "gpt2" else 4, intermediate_size=64,
+                             max_position_embeddings=128, tie_word_embeddings=True)
+  cfg = arch.model_config(vocab_size=300, param_dtype="float32", dtype="bfloat16")
+  assert (cfg.family, cfg.vocab_size, cfg.hidden_size, cfg.head_dim, cfg.dtype) == (family, 300, 32, 8, "bfloat16")
+  assert cfg.intermediate_size == 64
+  for key, value in expected.items():
+    assert getattr(cfg, key) == value, key
+
+
+@pytest.mark.parametrize("name", list(FAMILY_CONFIGS))
+def test_hf_config_round_trip(name):
+  hf = make_torch_model(name).config.to_dict()
+  cfg = models.from_hf_config(hf)
+  assert models.from_hf_config(models.to_hf_config(cfg)) == cfg
+  assert models.from_hf_config(models.to_hf_config(cfg, base=hf)) == cfg
