@@ -27,7 +27,10 @@ def run(main: Callable[[Sequence[str]], int | None]) -> None:
       return main(argv)
     except JaxDistillError as e:
       print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+      sys.exit(getattr(e, "exit_code", 2))
+    except KeyboardInterrupt:
+      print("error: interrupted", file=sys.stderr)
+      sys.exit(130)
 
   def parse_flags(argv):
     from jaxdistill.config import parse_command_line

@@ -2,8 +2,15 @@
 
 import os
 
+import tempfile  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here; a hub id must fail fast with our message
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# One persistent XLA compilation cache for the whole session, shared with the CLI subprocesses:
+# identical programs (the same step jitted through another wrapper, a config run twice) compile once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxdistill-test-xla-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

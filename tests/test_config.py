@@ -1,5 +1,6 @@
 """Config files, overrides, validation and the model-config readers/writers."""
 
+import dataclasses
 import glob
 
 import pytest
@@ -28,12 +29,14 @@ def test_every_config_loads_locked_and_validates(path, arg):
     assert parsed.tokenizer == "byte"
 
 
-def test_p100_pairs_smollm_checkpoints_in_fp32():
+def test_p100_pairs_smollm_checkpoints_without_bf16():
   parsed = config_lib.parse(config_lib.load("configs/p100.py"))
   assert parsed.teacher.name_or_path == "HuggingFaceTB/SmolLM-360M"
   assert parsed.student.name_or_path == "HuggingFaceTB/SmolLM-135M"
-  assert parsed.teacher.dtype == parsed.student.dtype == "float32"  # the P100 has no bf16
-  assert parsed.data.seq_len == 512 and parsed.data.batch_size == 16
+  # The P100 has no bf16: fp32 master weights, fp16 compute (dynamic loss scaling), an fp16 teacher.
+  assert (parsed.student.param_dtype, parsed.student.dtype) == ("float32", "float16")
+  assert (parsed.teacher.param_dtype, parsed.teacher.dtype) == ("float16", "float16")
+  assert parsed.data.seq_len == 512 and parsed.optim.accumulation_steps == 16 and parsed.train.epochs == 3
 
 
 def test_override_changes_one_field():
@@ -63,11 +66,19 @@ def test_missing_config_file():
     ("data.seq_len", 1, r"'data.seq_len' = 1 .* an integer >= 2"),
     ("data.batch_size", 0, r"'data.batch_size' = 0 .* an integer >= 1"),
     ("seed", -1, r"'seed' = -1 .* an integer >= 0"),
+    ("distill.kd_mode", "kl", r"'distill.kd_mode' = 'kl' .* one of forward_kl, reverse_kl, jsd"),
+    ("distill.kd_topk_tail", "drop", r"'distill.kd_topk_tail' = 'drop' .* one of renormalize, other_bucket"),
+    ("distill.jsd_beta", 1.0, r"'distill.jsd_beta' = 1.0 .* strictly between 0 and 1"),
+    ("distill.attention_pairs", ((1,),), r"'distill.attention_pairs' = \(\(1,\),\) .* index pairs"),
+    ("curriculum.kd", (0.7, 0.7), r"'curriculum.kd' = \(0.7, 0.7\) .* 3 values, one per phase"),
+    ("curriculum.boundaries", (0.6, 0.3), r"'curriculum.boundaries' .* increasing fractions"),
+    ("router.top_k_end", 9, r"'router.top_k_end' = 9 .* an integer in 1..num_experts=4"),
+    ("optim.accumulation_steps", 0, r"'optim.accumulation_steps' = 0 .* an integer >= 1"),
+    ("optim.learning_rate", "fast", r"'optim.learning_rate' = 'fast' .* cannot be casted to type <class 'float'>"),
 ])
 def test_bad_values_name_field_value_and_allowed(field, value, message):
-  cfg = config_lib.load("configs/cpu_demo.py:smoke", {field: value})
   with pytest.raises(ConfigError, match=message):
-    config_lib.parse(cfg)
+    config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", {field: value}))
 
 
 def test_random_student_needs_a_tokenizer():
@@ -92,6 +103,16 @@ def test_arch_builds_the_family_transformers_defines(family, expected):
   assert cfg.intermediate_size == 64
   for key, value in expected.items():
     assert getattr(cfg, key) == value, key
+  # The same architecture as transformers builds it from these sizes with its own defaults.
+  import transformers
+  kwargs = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+                tie_word_embeddings=True)
+  if family == "gpt2":
+    kwargs["n_inner"] = 64
+  else:
+    kwargs.update(intermediate_size=64, num_key_value_heads=2, head_dim=8)
+  reference = models.from_hf_config(transformers.AutoConfig.for_model(family, **kwargs).to_dict())
+  assert dataclasses.replace(reference, param_dtype="float32", dtype="bfloat16") == cfg
 
 
 @pytest.mark.parametrize("name", list(FAMILY_CONFIGS))
@@ -100,3 +121,14 @@ def test_hf_config_round_trip(name):
   cfg = models.from_hf_config(hf)
   assert models.from_hf_config(models.to_hf_config(cfg)) == cfg
   assert models.from_hf_config(models.to_hf_config(cfg, base=hf)) == cfg
+
+
+def test_training_groups_become_typed_configs():
+  parsed = config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", {
+      "curriculum.kd": (0.5, 0.6, 0.7), "distill.attention_pairs": ((0, 1),), "optim.accumulation_steps": 4,
+      "optim.learning_rate": 1}))
+  assert parsed.objective.curriculum.kd == (0.5, 0.6, 0.7)
+  assert parsed.objective.attention_pairs == ((0, 1),)
+  assert parsed.optim.accumulation_steps == 4 and parsed.optim.learning_rate == 1.0
+  assert parsed.objective.total_steps == parsed.optim.total_steps
+  hash(parsed)  # static jit arguments must be hashable

@@ -190,8 +190,9 @@ def default_positions(mask_BxL: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(mask_BxL.astype(jnp.int32), axis=1) - 1, 0)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
 def init_params(cfg: ModelConfig, rng: jax.Array):
-  """Random parameters (normal(0.02) weights, unit norms) in `cfg.param_dtype`."""
+  """Random parameters (normal(0.02) weights, unit norms) in `cfg.param_dtype`, in one compiled call."""
   ids = jnp.zeros((1, 2), jnp.int32)
   return CausalLM(cfg).init(rng, ids, jnp.ones_like(ids), default_positions(jnp.ones_like(ids)))["params"]
 

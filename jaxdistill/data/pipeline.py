@@ -1,0 +1,288 @@
+"""Input pipeline: documents -> train/eval split -> tokens -> packed sequences -> micro-batches.
+
+The documents of `data.source` (see `corpus.py`) are split at the document level by a permutation
+seeded with the run's seed. Each side is tokenized (no special tokens from the tokenizer; `eos` after
+every document), concatenated and cut into sequences of exactly `seq_len` tokens, so a sequence can span
+documents. Train drops the final partial sequence; eval keeps it, padded, with mask 0 on the padding.
+
+Train batches are random access: `train_batch(micro_step)` is batch `micro_step` of an endless stream
+(grain `shuffle -> batch -> repeat`), whose epoch `micro_step // batches_per_epoch` is its own permutation
+of the train sequences. The same seed and micro_step always give the same batch, so a resumed run's data
+position is just the number of micro-batches it has consumed.
+
+With a `cache_dir`, the packed arrays are saved as `.npy` files under a key that hashes everything they
+depend on (source and its files' sizes and times, split settings, seq_len, seed, tokenizer), and reused.
+"""
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from typing import Iterator, NamedTuple
+
+import grain
+import numpy as np
+from tqdm import tqdm
+
+from jaxdistill.data import corpus
+from jaxdistill.data.corpus import DataError
+from jaxdistill.errors import ConfigError
+
+_CACHE_FORMAT = 1                # bump when the packing or the cache layout changes
+_TOKENIZE_CHUNK = 1000           # documents per tokenizer call (batched calls run in Rust, in parallel)
+_PROGRESS_MIN_DOCUMENTS = 1000   # fewer documents tokenize in well under a second: no progress bar
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """The `data` group; a field out of range raises ConfigError naming `data.<field>`."""
+  source: str = corpus.STDLIB_DOCS  # builtin:stdlib_docs | a .txt/.jsonl/.json/.parquet file or dir | hub dataset id
+  subset: str = ""                  # hub dataset configuration (the `name` of load_dataset); '' for none
+  split: str = "train"              # hub dataset split the documents come from (train and eval are cut from it)
+  text_field: str = "text"          # .jsonl/.json field or .parquet/hub column holding the text
+  seq_len: int = 512                # tokens per packed sequence
+  batch_size: int = 8               # sequences per micro-batch
+  eval_fraction: float = 0.05       # share of documents held out for eval (at least one document)
+  max_eval_batches: int = 0         # eval batches per evaluation; 0: all
+  max_documents: int = 0            # keep the first N documents of the source; 0: all
+
+  def __post_init__(self):
+    for field in ("source", "subset", "split", "text_field"):
+      if not isinstance(getattr(self, field), str):
+        raise ConfigError(f"data.{field}", getattr(self, field), "a string")
+    if not self.source:
+      raise ConfigError("data.source", self.source, corpus.SOURCES_ALLOWED)
+    for field, minimum in (("seq_len", 2), ("batch_size", 1), ("max_eval_batches", 0), ("max_documents", 0)):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"data.{field}", value, f"an integer >= {minimum}")
+    fraction = self.eval_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+      raise ConfigError("data.eval_fraction", self.eval_fraction, "a number strictly between 0 and 1")
+
+
+def split_documents(num_documents: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(train, eval) document indices: a seeded permutation, eval its first ceil(fraction * n) (>= 1)."""
+  num_eval = max(1, math.ceil(eval_fraction * num_documents - 1e-9))  # 0.1 * 30 is 3.0000000000000004
+  if num_documents - num_eval < 1:
+    raise DataError(f"data.source: {num_documents} document(s) cannot be split into train and eval "
+                    f"(data.eval_fraction={eval_fraction} holds out {num_eval}); add documents")
+  order = np.random.default_rng(seed).permutation(num_documents)
+  return order[num_eval:], order[:num_eval]
+
+
+def pack_sequences(tokens_T: np.ndarray, seq_len: int, pad_id: int,
+                   keep_remainder: bool) -> tuple[np.ndarray, np.ndarray]:
+  """Cuts a token stream into rows of `seq_len`: (ids_NxL, mask_NxL), int32.
+
+  The final partial row is dropped, or with `keep_remainder` padded with `pad_id` under mask 0.
+  """
+  num_full = len(tokens_T) // seq_len
+  ids_NxL = np.asarray(tokens_T[:num_full * seq_len], np.int32).reshape(num_full, seq_len)
+  mask_NxL = np.ones_like(ids_NxL)
+  rest = len(tokens_T) - num_full * seq_len
+  if keep_remainder and rest:
+    last_ids_1xL = np.full((1, seq_len), pad_id, np.int32)
+    last_ids_1xL[0, :rest] = tokens_T[num_full * seq_len:]
+    last_mask_1xL = (np.arange(seq_len) < rest).astype(np.int32)[None]
+    ids_NxL = np.concatenate([ids_NxL, last_ids_1xL])
+    mask_NxL = np.concatenate([mask_NxL, last_mask_1xL])
+  return ids_NxL, mask_NxL
+
+
+def tokenize_documents(texts: list[str], tokenizer, eos_id: int, desc: str = "tokenizing") -> np.ndarray:
+  """All documents' token ids, each followed by `eos_id`, concatenated: int32 [total tokens]."""
+  pieces = []
+  eos_1 = np.array([eos_id], np.int32)
+  with tqdm(total=len(texts), desc=desc, unit="doc", disable=len(texts) < _PROGRESS_MIN_DOCUMENTS) as bar:
+    for start in range(0, len(texts), _TOKENIZE_CHUNK):
+      chunk = texts[start:start + _TOKENIZE_CHUNK]
+      ids_per_document = tokenizer(chunk, add_special_tokens=False, return_attention_mask=False,
+                                   return_token_type_ids=False, verbose=False)["input_ids"]
+      for ids in ids_per_document:
+        pieces += [np.asarray(ids, np.int32), eos_1]
+      bar.update(len(chunk))
+  return np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+
+
+class _Packed(NamedTuple):
+  train_ids_NxL: np.ndarray
+  eval_ids_MxL: np.ndarray
+  eval_mask_MxL: np.ndarray
+  num_documents: int
+
+
+class DataPipeline:
+  """Packed train/eval sequences of one data source, served as fixed-shape int32 micro-batches.
+
+  Every batch is a dict of [batch_size, seq_len] int32 arrays: `student_input_ids`,
+  `student_attention_mask`, `teacher_input_ids`, `teacher_attention_mask` (one shared tokenizer for
+  now, so the teacher entries are the student's arrays).
+  """
+
+  def __init__(self, cfg: DataConfig, tokenizer, seed: int, cache_dir: str | None = None):
+    self.cfg, self.seed = cfg, seed
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+      raise DataError("the tokenizer has no eos token; packing needs one to mark where documents end")
+    self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    packed = None
+    if cache_dir:
+      key = _cache_key(cfg, tokenizer, seed, eos_id, self.pad_id)
+      directory = os.path.join(cache_dir, f"packed-{hashlib.sha256(key.encode()).hexdigest()[:20]}")
+      packed = _read_cache(directory, key, cfg.seq_len)
+    if packed is None:
+      packed = _build(cfg, tokenizer, seed, eos_id, self.pad_id)
+      if cache_dir:
+        _write_cache(directory, key, packed)
+    self._train_ids_NxL = _read_only(packed.train_ids_NxL)
+    self.num_documents = packed.num_documents
+    if self.batches_per_epoch < 1:
+      raise DataError(f"the train split packs into {self.num_train_sequences} sequence(s) of data.seq_len="
+                      f"{cfg.seq_len} tokens, fewer than one batch (data.batch_size={cfg.batch_size}); "
+                      "add documents or lower data.batch_size or data.seq_len")
+    # Eval rows are padded up to whole batches so that every eval batch has the same shape.
+    num_pad_rows = -len(packed.eval_ids_MxL) % cfg.batch_size
+    self._eval_ids_MxL = _read_only(np.concatenate(
+        [packed.eval_ids_MxL, np.full((num_pad_rows, cfg.seq_len), self.pad_id, np.int32)]))
+    self._eval_mask_MxL = _read_only(np.concatenate(
+        [packed.eval_mask_MxL, np.zeros((num_pad_rows, cfg.seq_len), np.int32)]))
+    self.num_eval_sequences = len(packed.eval_ids_MxL)
+    self._train_stream = (grain.MapDataset.source(self._train_ids_NxL).shuffle(seed=seed)
+                          .batch(cfg.batch_size, drop_remainder=True).repeat(None))
+
+  @property
+  def num_train_sequences(self) -> int:
+    return len(self._train_ids_NxL)
+
+  @property
+  def batches_per_epoch(self) -> int:
+    """Full micro-batches per pass; the sequences left over differ from epoch to epoch."""
+    return self.num_train_sequences // self.cfg.batch_size
+
+  @property
+  def train_tokens(self) -> int:
+    """Tokens in the packed train sequences (all real: train has no padding)."""
+    return self._train_ids_NxL.size
+
+  @property
+  def eval_tokens(self) -> int:
+    """Real (mask 1) tokens over all eval sequences, before `max_eval_batches`."""
+    return int(self._eval_mask_MxL.sum())
+
+  @property
+  def train_sequences(self) -> np.ndarray:
+    """The packed train sequences, read-only int32 [num_train_sequences, seq_len], before shuffling."""
+    return self._train_ids_NxL
+
+  @property
+  def num_eval_batches(self) -> int:
+    total = len(self._eval_ids_MxL) // self.cfg.batch_size
+    return min(total, self.cfg.max_eval_batches) if self.cfg.max_eval_batches else total
+
+  def train_batch(self, micro_step: int) -> dict[str, np.ndarray]:
+    """Micro-batch number `micro_step` (0-based) of the endless shuffled stream."""
+    if micro_step < 0:
+      raise ValueError(f"micro_step must be >= 0, got {micro_step}")
+    ids_BxL = np.asarray(self._train_stream[int(micro_step)], np.int32)
+    return _batch(ids_BxL, np.ones_like(ids_BxL))
+
+  def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    """The eval set in a fixed order, `num_eval_batches` batches; padding rows have mask 0."""
+    batch_size = self.cfg.batch_size
+    for b in range(self.num_eval_batches):
+      rows = slice(b * batch_size, (b + 1) * batch_size)
+      yield _batch(self._eval_ids_MxL[rows], self._eval_mask_MxL[rows])
+
+  def position(self, micro_step: int) -> dict[str, int]:
+    """Where micro-batch `micro_step` lies in the data: its epoch and its index within that epoch."""
+    epoch, batch_in_epoch = divmod(int(micro_step), self.batches_per_epoch)
+    return {"epoch": epoch, "batch_in_epoch": batch_in_epoch}
+
+  def summary(self) -> str:
+    """One line for the run log."""
+    cfg = self.cfg
+    return (f"data {cfg.source}: {self.num_documents} documents; train {self.num_train_sequences} x "
+            f"{cfg.seq_len} tokens ({self.batches_per_epoch} batches of {cfg.batch_size} per epoch); "
+            f"eval {self.num_eval_sequences} sequences, {self.eval_tokens} tokens, {self.num_eval_batches} batches")
+
+
+def _batch(ids_BxL: np.ndarray, mask_BxL: np.ndarray) -> dict[str, np.ndarray]:
+  return {"student_input_ids": ids_BxL, "student_attention_mask": mask_BxL,
+          "teacher_input_ids": ids_BxL, "teacher_attention_mask": mask_BxL}
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+  array.setflags(write=False)
+  return array
+
+
+def _build(cfg: DataConfig, tokenizer, seed: int, eos_id: int, pad_id: int) -> _Packed:
+  documents = corpus.load_documents(cfg)
+  train_docs, eval_docs = split_documents(len(documents), cfg.eval_fraction, seed)
+  train_T = tokenize_documents([documents[i] for i in train_docs], tokenizer, eos_id, "tokenizing train")
+  eval_T = tokenize_documents([documents[i] for i in eval_docs], tokenizer, eos_id, "tokenizing eval")
+  train_ids_NxL, _ = pack_sequences(train_T, cfg.seq_len, pad_id, keep_remainder=False)
+  eval_ids_MxL, eval_mask_MxL = pack_sequences(eval_T, cfg.seq_len, pad_id, keep_remainder=True)
+  return _Packed(train_ids_NxL, eval_ids_MxL, eval_mask_MxL, len(documents))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache.
+
+_CACHE_ARRAYS = ("train_ids_NxL", "eval_ids_MxL", "eval_mask_MxL")
+
+
+def _cache_key(cfg: DataConfig, tokenizer, seed: int, eos_id: int, pad_id: int) -> str:
+  """Everything the packed arrays depend on, as canonical JSON (hashed into the cache directory's name)."""
+  backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's full definition
+  definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+  return json.dumps({
+      "format": _CACHE_FORMAT, "source": cfg.source, "content": corpus.source_fingerprint(cfg.source),
+      "subset": cfg.subset, "split": cfg.split, "text_field": cfg.text_field,
+      "max_documents": cfg.max_documents, "seq_len": cfg.seq_len, "eval_fraction": cfg.eval_fraction,
+      "seed": seed, "tokenizer": type(tokenizer).__name__, "eos_id": eos_id, "pad_id": pad_id,
+      "tokenizer_sha256": hashlib.sha256(definition.encode()).hexdigest(),
+  }, sort_keys=True)
+
+
+def _read_cache(directory: str, key: str, seq_len: int) -> _Packed | None:
+  """The cached arrays, or None when absent, unreadable or inconsistent (then they are rebuilt)."""
+  meta_path = os.path.join(directory, "meta.json")
+  if not os.path.exists(meta_path):
+    return None
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+    if meta["key"] != key:
+      raise ValueError("key mismatch (hash collision)")
+    arrays = [np.load(os.path.join(directory, f"{name}.npy"), allow_pickle=False) for name in _CACHE_ARRAYS]
+    if any(a.dtype != np.int32 or a.ndim != 2 or a.shape[1] != seq_len for a in arrays):
+      raise ValueError("arrays of the wrong dtype or shape")
+    if arrays[1].shape != arrays[2].shape:
+      raise ValueError("eval ids and mask differ in shape")
+    return _Packed(*arrays, num_documents=int(meta["num_documents"]))
+  except (OSError, ValueError, EOFError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+    logging.getLogger(__name__).warning("data cache %s is unusable (%s: %s); rebuilding it",
+                                        directory, type(e).__name__, e)
+    return None
+
+
+def _write_cache(directory: str, key: str, packed: _Packed) -> None:
+  """Writes each file through a temporary name and a rename; meta.json last, so it marks a complete cache."""
+  def save(name: str, write) -> None:
+    path = os.path.join(directory, name)
+    with open(f"{path}.tmp{os.getpid()}", "wb") as f:
+      write(f)
+    os.replace(f"{path}.tmp{os.getpid()}", path)
+
+  try:
+    os.makedirs(directory, exist_ok=True)
+    for name in _CACHE_ARRAYS:
+      save(f"{name}.npy", lambda f, a=getattr(packed, name): np.save(f, a, allow_pickle=False))
+    meta = {"key": key, "num_documents": packed.num_documents}
+    save("meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+  except OSError as e:  # a read-only or full disk costs a rebuild next time, not the run
+    logging.getLogger(__name__).warning("could not write data cache %s (%s)", directory, e)

@@ -1,0 +1,260 @@
+"""The distillation objective: every component, its curriculum weight, the non-finite guard.
+
+`objective(...)` runs the teacher (no gradient) and the student on one batch and returns the
+total loss and a flat metrics dict: for each component `raw/<c>` (unweighted, after the guard),
+`weight/<c>` and `loss/<c>` (weighted); `loss` is the sum of the `loss/<c>`. It is a pure
+function of its inputs and the optimizer step, so training and evaluation at the same step
+compute the same thing.
+"""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import dtypes
+
+from jaxdistill import curriculum, losses, router
+from jaxdistill.curriculum import CurriculumConfig
+from jaxdistill.router import RouterConfig
+from jaxdistill.models import ModelConfig, forward
+
+COMPONENTS = ("kd", "lm", "attention", "layerwise", "contrastive", "routing_feature", "routing_load_balance",
+              "routing_attention_alignment")
+_ROUTING = COMPONENTS[5:]
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+  """Static description of the objective; `resolve_layers` fills the model-dependent defaults."""
+  total_steps: int                           # optimizer steps of the whole run (the curriculum's 100%)
+  curriculum: CurriculumConfig = CurriculumConfig()
+  kd_mode: str = "forward_kl"                # losses.KD_MODES
+  jsd_beta: float = 0.5
+  kd_top_k: int = 0                          # 0: full vocabulary
+  kd_topk_tail: str = "renormalize"          # losses.TOPK_TAILS
+  chunk_size: int = 512                      # tokens per float32 chunk in kd/lm; 0: no chunking
+  label_smoothing: float = 0.0
+  attention_pairs: tuple[tuple[int, int], ...] = ()  # (student block, teacher block); () = last blocks
+  layer_map: tuple[tuple[int, int], ...] = ()        # hidden_states indices; () = uniform
+  hidden_distance: str = "nmse"              # losses.HIDDEN_DISTANCES
+  contrastive_temperature: float = 0.07
+  router: RouterConfig = RouterConfig()
+  expert_layers: tuple[int, ...] = ()        # teacher hidden_states indices; () = evenly spaced
+
+  def enabled(self, component: str) -> bool:
+    """Whether a component can have a non-zero weight at some step (otherwise it is not computed)."""
+    if component in _ROUTING:
+      coef = {"routing_feature": 1.0, "routing_load_balance": self.router.load_balance_coef,
+              "routing_attention_alignment": self.router.attention_alignment_coef}[component]
+      return coef != 0 and self.curriculum.enabled("feature")
+    return self.curriculum.enabled(component)
+
+  def resolve_layers(self, student: ModelConfig, teacher: ModelConfig) -> "ObjectiveConfig":
+    """Fills the default layer pairs for these two models and checks explicit ones."""
+    pairs = self.attention_pairs or ((student.num_layers - 1, teacher.num_layers - 1),)
+    layer_map = self.layer_map or losses.uniform_layer_map(student.num_layers, teacher.num_layers)
+    experts = self.expert_layers or router.expert_layers(teacher.num_layers, self.router.num_experts)
+    for s, t in pairs:
+      if not (0 <= s < student.num_layers and 0 <= t < teacher.num_layers):
+        raise ValueError(f"attention pair ({s}, {t}) is outside the student's 0..{student.num_layers - 1} "
+                         f"or the teacher's 0..{teacher.num_layers - 1} blocks")
+    for s, t in layer_map:
+      if not (0 <= s <= student.num_layers and 0 <= t <= teacher.num_layers):
+        raise ValueError(f"layer pair ({s}, {t}) is outside hidden_states 0..{student.num_layers} (student) "
+                         f"or 0..{teacher.num_layers} (teacher)")
+    if len(experts) != self.router.num_experts or not all(1 <= e <= teacher.num_layers for e in experts):
+      raise ValueError(f"expert_layers {experts} must list {self.router.num_experts} teacher layers in "
+                       f"1..{teacher.num_layers}")
+    return dataclasses.replace(self, attention_pairs=tuple(pairs), layer_map=tuple(layer_map),
+                               expert_layers=tuple(experts))
+
+
+class DistillHeads(nn.Module):
+  """Trainable parts besides the student: layer projections, contrastive projection, router."""
+  cfg: ObjectiveConfig
+  teacher_dim: int
+
+  def setup(self):
+    self.layer_proj = [nn.Dense(self.teacher_dim, name=f"layer_proj_{i}") for i in range(len(self.cfg.layer_map))]
+    self.contrastive_proj = nn.Dense(self.teacher_dim)
+    self.router = router.Router(self.cfg.router.num_experts, self.teacher_dim)
+
+  def __call__(self, student_states, pooled_BxD):
+    """student_states: hidden_states of the student. Returns every head's output."""
+    projected = [proj(student_states[s].astype(jnp.float32)) for proj, (s, _) in zip(self.layer_proj, self.cfg.layer_map)]
+    gate_logits, routed = self.router(student_states[-1])
+    return {"layerwise": projected, "contrastive": self.contrastive_proj(pooled_BxD),
+            "gate_logits": gate_logits, "routed": routed}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def init_heads(cfg: ObjectiveConfig, student: ModelConfig, teacher: ModelConfig, rng: jax.Array):
+  """Random params of the DistillHeads, in one compiled call."""
+  states = [jnp.zeros((1, 2, student.hidden_size), jnp.float32)] * (student.num_layers + 1)
+  return DistillHeads(cfg, teacher.hidden_size).init(rng, states, jnp.zeros((1, student.hidden_size)))["params"]
+
+
+def guard(fn):
+  """Wraps a scalar loss `fn(*args)`: returns (value or 0 if non-finite, 1.0 if it was non-finite).
+
+  The replacement happens inside jit, and the backward pass sends zero cotangents into `args`
+  when the value was non-finite, so a NaN in one component cannot leak NaN gradients into the
+  parameters through the shared forward (a bare `jnp.where` would: 0 * NaN = NaN).
+  """
+  @jax.custom_vjp
+  def guarded(*args):
+    value = fn(*args)
+    ok = jnp.isfinite(value)
+    return jnp.where(ok, value, 0.0), (~ok).astype(jnp.float32)
+
+  def guarded_fwd(*args):
+    value, vjp = jax.vjp(fn, *args)
+    ok = jnp.isfinite(value)
+    return (jnp.where(ok, value, 0.0), (~ok).astype(jnp.float32)), (vjp, ok)
+
+  def guarded_bwd(residuals, cotangents):
+    vjp, ok = residuals
+    grads = vjp(jnp.where(ok, cotangents[0], 0.0))
+    return jax.tree.map(lambda g: g if g.dtype == dtypes.float0 else jnp.where(ok, g, jnp.zeros_like(g)), grads)
+
+  guarded.defvjp(guarded_fwd, guarded_bwd)
+  return guarded
+
+
+def component_weights(opt_step: jax.Array, cfg: ObjectiveConfig) -> dict[str, jax.Array]:
+  """Curriculum weight of every component in COMPONENTS (0 for those not enabled)."""
+  w = curriculum.curriculum_weights(opt_step, cfg.total_steps, cfg.curriculum)
+  weights = {c: w[c] for c in COMPONENTS[:5]}
+  weights["routing_feature"] = w["feature"]
+  weights["routing_load_balance"] = w["feature"] * cfg.router.load_balance_coef
+  weights["routing_attention_alignment"] = w["feature"] * cfg.router.attention_alignment_coef
+  return {c: (weights[c] if cfg.enabled(c) else jnp.zeros((), jnp.float32)) for c in COMPONENTS}
+
+
+def _requests(cfg: ObjectiveConfig):
+  """Which hidden states and attention maps each model must return (static)."""
+  needs_states = any(cfg.enabled(c) for c in ("layerwise", "contrastive") + _ROUTING)
+  student_attn, teacher_attn = set(), set()
+  if cfg.enabled("attention"):
+    student_attn |= {s for s, _ in cfg.attention_pairs}
+    teacher_attn |= {t for _, t in cfg.attention_pairs}
+  return needs_states, tuple(sorted(student_attn)), tuple(sorted(teacher_attn))
+
+
+def _router_requests(cfg: ObjectiveConfig, student: ModelConfig):
+  if not cfg.enabled("routing_attention_alignment"):
+    return (), ()
+  return (student.num_layers - 1,), tuple(e - 1 for e in cfg.expert_layers)
+
+
+def run_models(student_params, teacher_params, batch, cfg: ObjectiveConfig, student: ModelConfig,
+               teacher: ModelConfig):
+  """Student forward (differentiable) and teacher forward (stop_gradient), with what cfg needs."""
+  needs_states, student_attn, teacher_attn = _requests(cfg)
+  router_student, router_teacher = _router_requests(cfg, student)
+  student_attn = tuple(sorted(set(student_attn) | set(router_student)))
+  teacher_attn = tuple(sorted(set(teacher_attn) | set(router_teacher)))
+  student_out = forward(student_params, student, batch["student_input_ids"], batch["student_attention_mask"],
+                        output_hidden_states=needs_states, attention_layers=student_attn)
+  teacher_out = forward(teacher_params, teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
+                        output_hidden_states=needs_states, attention_layers=teacher_attn)
+  teacher_out = jax.lax.stop_gradient(teacher_out)
+  return (student_out, dict(zip(student_attn, student_out.attentions)),
+          teacher_out, dict(zip(teacher_attn, teacher_out.attentions)))
+
+
+def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: ObjectiveConfig, student: ModelConfig,
+              teacher: ModelConfig, models_out=None):
+  """Total loss and metrics at optimizer step `opt_step`.
+
+  Args:
+    trainable: {'student': student params, 'heads': DistillHeads params}.
+    teacher_params: the teacher's params (no gradient flows into them).
+    batch: student_/teacher_ input_ids and attention_mask [B, L] (same tokenizer: aligned
+      positions), and optionally `inject_nonfinite` [len(COMPONENTS)], added to the raw component
+      values (0 normally; NaN/Inf to drill the guard and the run monitor).
+    opt_step: int32 optimizer step; drives the curriculum and the router schedules.
+    cfg, student, teacher: static configs (cfg already `resolve_layers`-ed).
+    models_out: precomputed `run_models` output (eval reuses it for its plain metrics).
+  """
+  if models_out is None:
+    models_out = run_models(trainable["student"], teacher_params, batch, cfg, student, teacher)
+  student_out, student_maps, teacher_out, teacher_maps = models_out
+  mask_BxL = batch["student_attention_mask"]
+  inject = batch.get("inject_nonfinite", jnp.zeros(len(COMPONENTS), jnp.float32))
+  weights = component_weights(opt_step, cfg)
+  kd_temperature = curriculum.temperature(opt_step, cfg.total_steps, cfg.curriculum)
+  top_k, gate_temperature = router.schedule(curriculum.progress(opt_step, cfg.total_steps), cfg.router)
+  vocab = min(student.vocab_size, teacher.vocab_size)
+
+  def kd(student_logits, teacher_logits, mask, temperature):
+    return losses.kd_loss(student_logits[..., :vocab], teacher_logits[..., :vocab], mask, temperature=temperature,
+                          mode=cfg.kd_mode, jsd_beta=cfg.jsd_beta, top_k=cfg.kd_top_k, topk_tail=cfg.kd_topk_tail,
+                          chunk_size=cfg.chunk_size)
+
+  def lm(student_logits, ids, mask):
+    labels, label_mask = losses.next_token_labels(ids, mask)
+    return losses.lm_loss(student_logits, labels, label_mask, label_smoothing=cfg.label_smoothing,
+                          chunk_size=cfg.chunk_size)
+
+  # component -> (function closing over static values only, its array inputs).
+  terms = {
+      "kd": (kd, (student_out.logits_BxLxV, teacher_out.logits_BxLxV, mask_BxL, kd_temperature)),
+      "lm": (lm, (student_out.logits_BxLxV, batch["student_input_ids"], mask_BxL)),
+  }
+  if cfg.enabled("attention"):
+    terms["attention"] = (losses.attention_loss, (
+        [student_maps[s] for s, _ in cfg.attention_pairs], [teacher_maps[t] for _, t in cfg.attention_pairs],
+        mask_BxL))
+  heads_out = None
+  if student_out.hidden_states is not None:
+    pooled = losses.masked_mean_pool(student_out.hidden_states[-1], mask_BxL)
+    heads_out = DistillHeads(cfg, teacher.hidden_size).apply(
+        {"params": trainable["heads"]}, student_out.hidden_states, pooled)
+  if cfg.enabled("layerwise"):
+    terms["layerwise"] = (
+        lambda p, t, m: losses.layerwise_loss(p, t, m, cfg.hidden_distance),
+        (heads_out["layerwise"], [teacher_out.hidden_states[t] for _, t in cfg.layer_map], mask_BxL))
+  if cfg.enabled("contrastive"):
+    teacher_pooled = losses.masked_mean_pool(teacher_out.hidden_states[-1], batch["teacher_attention_mask"])
+    terms["contrastive"] = (
+        lambda s, t, valid: losses.contrastive_loss(s, t, temperature=cfg.contrastive_temperature, valid_B=valid),
+        (heads_out["contrastive"], teacher_pooled, jnp.any(mask_BxL > 0, axis=1)))
+  if cfg.enabled("routing_feature"):
+    experts = router.normalized_experts([teacher_out.hidden_states[e] for e in cfg.expert_layers])
+
+    def routing_feature(gate_logits, routed, mask, experts, top_k, temperature):
+      return router.feature_loss(routed, router.gates(gate_logits, top_k, temperature), experts, mask)
+
+    def routing_balance(gate_logits, mask, top_k, temperature):
+      return router.load_balance_loss(gate_logits, router.gates(gate_logits, top_k, temperature), temperature, mask)
+
+    terms["routing_feature"] = (routing_feature, (heads_out["gate_logits"], heads_out["routed"], mask_BxL, experts,
+                                                  top_k, gate_temperature))
+    terms["routing_load_balance"] = (routing_balance, (heads_out["gate_logits"], mask_BxL, top_k, gate_temperature))
+  if cfg.enabled("routing_attention_alignment"):
+    def routing_alignment(gate_logits, student_map, expert_maps, mask, top_k, temperature):
+      return router.attention_alignment_loss(student_map, expert_maps, router.gates(gate_logits, top_k, temperature),
+                                             mask)
+
+    terms["routing_attention_alignment"] = (routing_alignment, (
+        heads_out["gate_logits"], student_maps[student.num_layers - 1],
+        [teacher_maps[e - 1] for e in cfg.expert_layers], mask_BxL, top_k, gate_temperature))
+
+  metrics, total = {}, jnp.zeros((), jnp.float32)
+  for index, component in enumerate(COMPONENTS):
+    if component in terms:
+      fn, args = terms[component]
+      # Traced values enter as arguments: a custom_vjp function may not close over them.
+      raw, nonfinite = guard(lambda *a, fn=fn: fn(*a[:-1]) + a[-1])(*args, inject[index])
+    else:
+      raw, nonfinite = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+    weighted = weights[component] * raw
+    total = total + weighted
+    metrics.update({f"raw/{component}": raw, f"weight/{component}": weights[component],
+                    f"loss/{component}": weighted, f"nonfinite/{component}": nonfinite})
+  metrics.update({"loss": total, "temperature": kd_temperature, "router/top_k": top_k.astype(jnp.float32),
+                  "router/temperature": gate_temperature})
+  return total, metrics

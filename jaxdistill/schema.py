@@ -1,0 +1,346 @@
+"""Typed, frozen views of a config, and the validation that builds them.
+
+`parse(cfg)` reads a loaded `ml_collections.ConfigDict` once: the first value that is not allowed
+raises `ConfigError` naming the field, the value and what is allowed. Past this boundary models,
+losses and the trainer only see these dataclasses.
+"""
+
+import dataclasses
+from typing import Sequence
+
+import ml_collections
+
+from jaxdistill.curriculum import CurriculumConfig
+from jaxdistill.curriculum import problem as curriculum_problem
+from jaxdistill.data.pipeline import DataConfig
+from jaxdistill.errors import ConfigError
+from jaxdistill.losses import HIDDEN_DISTANCES, KD_MODES, TOPK_TAILS
+from jaxdistill.models.config import DTYPES, SUPPORTED_FAMILIES, ModelConfig, RopeConfig
+from jaxdistill.monitor import MonitorConfig
+from jaxdistill.objective import COMPONENTS, ObjectiveConfig
+from jaxdistill.optim import OptimConfig
+from jaxdistill.router import RouterConfig
+from jaxdistill.tokenizer import BYTE_TOKENIZER
+
+EVAL_METRICS = ("student_lm_loss", "loss", "kl_t1", "raw/kd", "raw/lm")
+
+@dataclasses.dataclass(frozen=True)
+class ArchSpec:
+  family: str
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  intermediate_size: int
+  max_position_embeddings: int
+  tie_word_embeddings: bool
+
+  def model_config(self, vocab_size: int, param_dtype: str, dtype: str) -> ModelConfig:
+    """The architecture with the family's transformers defaults for everything not sized here."""
+    vocab = self.vocab_size or vocab_size
+    if self.family == "gpt2":
+      return ModelConfig(
+          family="gpt2", vocab_size=vocab, hidden_size=self.hidden_size, num_layers=self.num_layers,
+          num_heads=self.num_heads, num_kv_heads=self.num_heads, head_dim=self.hidden_size // self.num_heads,
+          intermediate_size=self.intermediate_size, max_position_embeddings=self.max_position_embeddings,
+          norm="layer", norm_eps=1e-5, activation="gelu_new", gated_mlp=False, rope=None, qkv_bias=True,
+          o_bias=True, mlp_bias=True, tie_word_embeddings=self.tie_word_embeddings,
+          param_dtype=param_dtype, dtype=dtype)
+    return ModelConfig(
+        family=self.family, vocab_size=vocab, hidden_size=self.hidden_size, num_layers=self.num_layers,
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.hidden_size // self.num_heads,
+        intermediate_size=self.intermediate_size, max_position_embeddings=self.max_position_embeddings,
+        norm="rms", norm_eps=1e-6, activation="silu", gated_mlp=True, rope=RopeConfig(theta=10000.0),
+        qkv_bias=self.family == "qwen2", qk_norm=self.family == "qwen3",
+        tie_word_embeddings=self.tie_word_embeddings, param_dtype=param_dtype, dtype=dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  name_or_path: str
+  revision: str
+  arch: ArchSpec | None   # set when name_or_path is empty
+  param_dtype: str
+  dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+  """The `train` group: how long, how often to evaluate, when to stop early."""
+  epochs: int = 3                       # passes over the training split
+  max_steps: int = 0                    # optimizer steps; 0: epochs x steps per epoch
+  eval_every_steps: int = 500           # evaluation interval (and at the end)
+  best_metric: str = "student_lm_loss"  # eval metric (lower is better) for the best checkpoint and early stopping
+  early_stopping_patience: int = 0      # evaluations without improvement before stopping; 0: never
+
+
+@dataclasses.dataclass(frozen=True)
+class DebugSpec:
+  """The `debug` group: fault-injection drills for the non-finite guard and the run monitor."""
+  inject_nonfinite: str = ""            # component to make NaN in some batches ('' = never), e.g. 'kd'
+  inject_every: int = 0                 # ...in every N-th micro-batch
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+  """The `checkpoint` group (orbax; epoch ends, the best eval and emergencies are saved too)."""
+  every_steps: int = 1000               # periodic checkpoint interval in optimizer steps
+  keep: int = 3                         # newest checkpoints kept (the best one is kept apart)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSpec:
+  """The `log` group: what the user sees and what goes to metrics.jsonl / TensorBoard."""
+  every_steps: int = 10                 # training records in metrics.jsonl
+  debug_every_steps: int = 100          # [TRAIN DEBUG] block: raw, weight, weighted per component
+  curriculum_every_steps: int = 500     # [CURRICULUM] block: step, progress, every weight
+  tensorboard: bool = True              # also write WORKDIR/tensorboard
+  progress_bar: bool = True             # tqdm bar with loss, learning rate, tokens/s and ETA
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSpec:
+  """The `distill` group: how each loss is computed (its weight comes from the curriculum)."""
+  kd_mode: str = "forward_kl"           # forward_kl | reverse_kl | jsd
+  jsd_beta: float = 0.5                 # beta of the generalised JSD, in (0, 1)
+  kd_top_k: int = 0                     # KD over the teacher's top-k tokens; 0: full vocabulary
+  kd_topk_tail: str = "renormalize"     # renormalize | other_bucket
+  chunk_size: int = 512                 # tokens per float32 chunk in kd/lm; 0: no chunking
+  label_smoothing: float = 0.0          # of the lm cross-entropy, in [0, 1)
+  attention_pairs: tuple = ()           # ((student block, teacher block), ...); (): the last blocks
+  layer_map: tuple = ()                 # ((student, teacher) hidden_states index, ...); (): uniform
+  hidden_distance: str = "nmse"         # nmse | cosine
+  contrastive_temperature: float = 0.07
+  expert_layers: tuple = ()             # teacher hidden_states indices the router mixes; (): evenly spaced
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  seed: int
+  teacher: ModelSpec
+  student: ModelSpec
+  tokenizer: str      # HF id/dir, or 'byte'; '' uses the student's checkpoint
+  data: DataConfig
+  objective: ObjectiveConfig   # layer pairs unresolved and total_steps 0 until the data is known
+  optim: OptimConfig
+  train: TrainSpec
+  checkpoint: CheckpointSpec
+  log: LogSpec
+  monitor: MonitorConfig
+  debug: DebugSpec
+
+
+def _name(where: str, field: str) -> str:
+  return f"{where}.{field}" if where else field
+
+
+def _get(node: ml_collections.ConfigDict, field: str, where: str):
+  if field not in node:
+    raise ConfigError(_name(where, field), None, "the field is required")
+  return node[field]
+
+
+def _choice(node, field: str, where: str, allowed: Sequence[str]) -> str:
+  value = _get(node, field, where)
+  if value not in allowed:
+    raise ConfigError(_name(where, field), value, f"one of {', '.join(allowed)}")
+  return value
+
+
+def _positive_int(node, field: str, where: str, minimum: int = 1) -> int:
+  value = _get(node, field, where)
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ConfigError(_name(where, field), value, f"an integer >= {minimum}")
+  return value
+
+
+def _arch(node, where: str) -> ArchSpec:
+  family = _choice(node, "family", where, SUPPORTED_FAMILIES)
+  spec = ArchSpec(
+      family=family,
+      vocab_size=_positive_int(node, "vocab_size", where, minimum=0),
+      hidden_size=_positive_int(node, "hidden_size", where),
+      num_layers=_positive_int(node, "num_layers", where),
+      num_heads=_positive_int(node, "num_heads", where),
+      num_kv_heads=_positive_int(node, "num_kv_heads", where),
+      intermediate_size=_positive_int(node, "intermediate_size", where),
+      max_position_embeddings=_positive_int(node, "max_position_embeddings", where),
+      tie_word_embeddings=bool(_get(node, "tie_word_embeddings", where)))
+  if spec.hidden_size % spec.num_heads:
+    raise ConfigError(f"{where}.num_heads", spec.num_heads, f"a divisor of hidden_size={spec.hidden_size}")
+  if family != "gpt2" and spec.num_heads % spec.num_kv_heads:
+    raise ConfigError(f"{where}.num_kv_heads", spec.num_kv_heads, f"a divisor of num_heads={spec.num_heads}")
+  if family != "gpt2" and (spec.hidden_size // spec.num_heads) % 2:
+    raise ConfigError(f"{where}.num_heads", spec.num_heads, "a value giving an even head_dim (rotary embeddings)")
+  return spec
+
+
+def _model(node, where: str) -> ModelSpec:
+  name_or_path = _get(node, "name_or_path", where)
+  if not isinstance(name_or_path, str):
+    raise ConfigError(f"{where}.name_or_path", name_or_path, "a hub id, a local directory, or '' with an arch")
+  return ModelSpec(
+      name_or_path=name_or_path,
+      revision=str(_get(node, "revision", where)),
+      arch=None if name_or_path else _arch(_get(node, "arch", where), f"{where}.arch"),
+      param_dtype=_choice(node, "param_dtype", where, DTYPES),
+      dtype=_choice(node, "dtype", where, DTYPES))
+
+
+def _tuplify(value):
+  return tuple(_tuplify(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _group(node, cls, where: str) -> dict:
+  """The fields of dataclass `cls` read from `node`, each of its default's type (ints pass as floats)."""
+  values = {}
+  for field in dataclasses.fields(cls):
+    value = _get(node, field.name, where)
+    default = field.default
+    if isinstance(default, tuple):
+      if not isinstance(value, (list, tuple)):
+        raise ConfigError(_name(where, field.name), value, "a tuple")
+      value = _tuplify(value)
+    elif isinstance(default, bool) or isinstance(value, bool):
+      if not isinstance(value, bool) or not isinstance(default, bool):
+        raise ConfigError(_name(where, field.name), value, f"a {type(default).__name__}")
+    elif isinstance(default, float) and isinstance(value, int):
+      value = float(value)
+    elif not isinstance(value, type(default)):
+      raise ConfigError(_name(where, field.name), value, f"a {type(default).__name__}")
+    values[field.name] = value
+  return values
+
+
+def _check(ok: bool, where: str, field: str, value, allowed: str) -> None:
+  if not ok:
+    raise ConfigError(_name(where, field), value, allowed)
+
+
+def _pairs_ok(value) -> bool:
+  return all(isinstance(p, tuple) and len(p) == 2 and all(isinstance(i, int) and i >= 0 for i in p) for p in value)
+
+
+def _objective(cfg, total_steps: int) -> ObjectiveConfig:
+  d = _group(_get(cfg, "distill", ""), DistillSpec, "distill")
+  _check(d["kd_mode"] in KD_MODES, "distill", "kd_mode", d["kd_mode"], f"one of {', '.join(KD_MODES)}")
+  _check(d["kd_topk_tail"] in TOPK_TAILS, "distill", "kd_topk_tail", d["kd_topk_tail"],
+         f"one of {', '.join(TOPK_TAILS)}")
+  _check(d["hidden_distance"] in HIDDEN_DISTANCES, "distill", "hidden_distance", d["hidden_distance"],
+         f"one of {', '.join(HIDDEN_DISTANCES)}")
+  _check(0 < d["jsd_beta"] < 1, "distill", "jsd_beta", d["jsd_beta"], "a number strictly between 0 and 1")
+  _check(d["kd_top_k"] >= 0, "distill", "kd_top_k", d["kd_top_k"], "an integer >= 0 (0: full vocabulary)")
+  _check(d["chunk_size"] >= 0, "distill", "chunk_size", d["chunk_size"], "an integer >= 0 (0: no chunking)")
+  _check(0 <= d["label_smoothing"] < 1, "distill", "label_smoothing", d["label_smoothing"], "a number in [0, 1)")
+  _check(d["contrastive_temperature"] > 0, "distill", "contrastive_temperature", d["contrastive_temperature"],
+         "a number > 0")
+  for field in ("attention_pairs", "layer_map"):
+    _check(_pairs_ok(d[field]), "distill", field, d[field], "a tuple of (student, teacher) index pairs")
+  _check(all(isinstance(e, int) and e >= 1 for e in d["expert_layers"]), "distill", "expert_layers",
+         d["expert_layers"], "a tuple of teacher hidden_states indices >= 1")
+
+  c = CurriculumConfig(**_group(_get(cfg, "curriculum", ""), CurriculumConfig, "curriculum"))
+  problem = curriculum_problem(c)
+  if problem:
+    field, allowed = problem
+    raise ConfigError(f"curriculum.{field}", getattr(c, field), allowed)
+
+  r = RouterConfig(**_group(_get(cfg, "router", ""), RouterConfig, "router"))
+  _check(r.num_experts >= 1, "router", "num_experts", r.num_experts, "an integer >= 1")
+  for field in ("top_k_start", "top_k_end"):
+    _check(1 <= getattr(r, field) <= r.num_experts, "router", field, getattr(r, field),
+           f"an integer in 1..num_experts={r.num_experts}")
+  for field in ("temperature_start", "temperature_end"):
+    _check(getattr(r, field) > 0, "router", field, getattr(r, field), "a number > 0")
+  for field in ("load_balance_coef", "attention_alignment_coef"):
+    _check(getattr(r, field) >= 0, "router", field, getattr(r, field), "a number >= 0")
+  if d["expert_layers"]:
+    _check(len(d["expert_layers"]) == r.num_experts, "distill", "expert_layers", d["expert_layers"],
+           f"router.num_experts={r.num_experts} layer indices")
+
+  return ObjectiveConfig(
+      total_steps=total_steps, curriculum=c, router=r, kd_mode=d["kd_mode"], jsd_beta=d["jsd_beta"],
+      kd_top_k=d["kd_top_k"], kd_topk_tail=d["kd_topk_tail"], chunk_size=d["chunk_size"],
+      label_smoothing=d["label_smoothing"], attention_pairs=d["attention_pairs"], layer_map=d["layer_map"],
+      hidden_distance=d["hidden_distance"], contrastive_temperature=d["contrastive_temperature"],
+      expert_layers=d["expert_layers"])
+
+
+def _optim(cfg) -> OptimConfig:
+  o = OptimConfig(**_group(_get(cfg, "optim", ""), OptimConfig, "optim"))
+  for field in ("learning_rate", "heads_learning_rate", "clip_norm", "eps"):
+    _check(getattr(o, field) > 0, "optim", field, getattr(o, field), "a number > 0")
+  for field, minimum in (("total_steps", 0), ("accumulation_steps", 1), ("warmup_steps", 0)):
+    _check(getattr(o, field) >= minimum, "optim", field, getattr(o, field), f"an integer >= {minimum}")
+  _check(0 <= o.min_lr_ratio <= 1, "optim", "min_lr_ratio", o.min_lr_ratio, "a number in [0, 1]")
+  _check(o.weight_decay >= 0, "optim", "weight_decay", o.weight_decay, "a number >= 0")
+  for field in ("b1", "b2"):
+    _check(0 <= getattr(o, field) < 1, "optim", field, getattr(o, field), "a number in [0, 1)")
+  return o
+
+
+def parse(cfg: ml_collections.ConfigDict) -> Config:
+  """Validates a loaded config; the first bad field raises ConfigError naming field, value, allowed."""
+  student = _model(_get(cfg, "student", ""), "student")
+  tokenizer = _get(cfg, "tokenizer", "")
+  if not tokenizer and not student.name_or_path:
+    raise ConfigError("tokenizer", tokenizer,
+                      f"a tokenizer id or directory, or '{BYTE_TOKENIZER}', when the student has no checkpoint")
+  optim = _optim(cfg)
+  return Config(
+      seed=_positive_int(cfg, "seed", "", minimum=0),
+      teacher=_model(_get(cfg, "teacher", ""), "teacher"),
+      student=student,
+      tokenizer=tokenizer,
+      data=_data(cfg),
+      objective=_objective(cfg, optim.total_steps),
+      optim=optim,
+      train=_train(cfg),
+      checkpoint=_positive_ints(cfg, "checkpoint", CheckpointSpec),
+      log=_positive_ints(cfg, "log", LogSpec),
+      monitor=_monitor(cfg),
+      debug=_debug(cfg))
+
+
+def _debug(cfg) -> DebugSpec:
+  d = DebugSpec(**_group(_get(cfg, "debug", ""), DebugSpec, "debug"))
+  _check(d.inject_nonfinite in ("",) + COMPONENTS, "debug", "inject_nonfinite", d.inject_nonfinite,
+         f"'' or one of {', '.join(COMPONENTS)}")
+  _check(d.inject_every >= 0 and (d.inject_every > 0 or not d.inject_nonfinite), "debug", "inject_every",
+         d.inject_every, "an integer >= 1 when debug.inject_nonfinite is set")
+  return d
+
+
+def _positive_ints(cfg, group: str, cls):
+  """A group whose int fields must all be >= 1."""
+  values = _group(_get(cfg, group, ""), cls, group)
+  for field, value in values.items():
+    if isinstance(value, int) and not isinstance(value, bool):
+      _check(value >= 1, group, field, value, "an integer >= 1")
+  return cls(**values)
+
+
+def _data(cfg) -> DataConfig:
+  d = DataConfig(**_group(_get(cfg, "data", ""), DataConfig, "data"))  # DataConfig checks its own ranges
+  _check(bool(d.source), "data", "source", d.source, "builtin:stdlib_docs, a hub dataset id, or a local file/directory")
+  return d
+
+
+def _train(cfg) -> TrainSpec:
+  t = TrainSpec(**_group(_get(cfg, "train", ""), TrainSpec, "train"))
+  _check(t.epochs >= 1, "train", "epochs", t.epochs, "an integer >= 1")
+  _check(t.max_steps >= 0, "train", "max_steps", t.max_steps, "an integer >= 0 (0: by epochs)")
+  _check(t.eval_every_steps >= 1, "train", "eval_every_steps", t.eval_every_steps, "an integer >= 1")
+  _check(t.early_stopping_patience >= 0, "train", "early_stopping_patience", t.early_stopping_patience,
+         "an integer >= 0 (0: never)")
+  _check(t.best_metric in EVAL_METRICS, "train", "best_metric", t.best_metric, f"one of {', '.join(EVAL_METRICS)}")
+  return t
+
+
+def _monitor(cfg) -> MonitorConfig:
+  m = MonitorConfig(**_group(_get(cfg, "monitor", ""), MonitorConfig, "monitor"))
+  _check(0 <= m.nonfinite_fraction < 1, "monitor", "nonfinite_fraction", m.nonfinite_fraction, "a number in [0, 1)")
+  _check(m.plateau_steps >= 1, "monitor", "plateau_steps", m.plateau_steps, "an integer >= 1")
+  _check(m.eval_train_ratio > 1, "monitor", "eval_train_ratio", m.eval_train_ratio, "a number > 1")
+  return m

@@ -1,0 +1,49 @@
+"""The train state: everything that changes during training, as one pytree (never the teacher)."""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import jmp
+import optax
+
+from jaxdistill.objective import COMPONENTS
+
+# Per-component counts of non-finite loss values, plus skipped updates from non-finite gradients.
+NONFINITE_COUNTERS = COMPONENTS + ("grads",)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array            # int32: micro-batches seen (always an array, never None)
+  params: Any                # {'student': ..., 'heads': router and projections}
+  opt_state: optax.MultiStepsState
+  rng: jax.Array             # raw uint32 key data (checkpointable); per-step keys: fold_in(rng, step)
+  nonfinite: dict[str, jax.Array]  # int32 counters, keys NONFINITE_COUNTERS
+  loss_scale: jax.Array      # float32; stays 1 unless fp16 dynamic loss scaling is on
+  loss_scale_good_steps: jax.Array  # int32 finite steps since the scale last changed
+
+  @property
+  def opt_step(self) -> jax.Array:
+    """Optimizer steps taken (updates applied); the curriculum's clock."""
+    return self.opt_state.gradient_step
+
+
+  def loss_scaler(self, dynamic: bool) -> jmp.LossScale:
+    """The jmp loss scale this state's arrays describe (a no-op unless `dynamic`)."""
+    if not dynamic:
+      return jmp.NoOpLossScale()
+    return jmp.DynamicLossScale(self.loss_scale, self.loss_scale_good_steps)
+
+
+def create_train_state(student_params, heads_params, tx: optax.GradientTransformation, rng: jax.Array,
+                       initial_loss_scale: float = 1.0) -> TrainState:
+  """A fresh state at step 0; `rng` is a key (typed or raw), `initial_loss_scale` > 1 for fp16."""
+  params = {"student": student_params, "heads": heads_params}
+  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.key_data(rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
+                    nonfinite={k: jnp.zeros((), jnp.int32) for k in NONFINITE_COUNTERS},
+                    loss_scale=jnp.asarray(initial_loss_scale, jnp.float32),
+                    loss_scale_good_steps=jnp.zeros((), jnp.int32))

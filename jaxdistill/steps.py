@@ -1,0 +1,104 @@
+"""`train_step` and `eval_step`: module-level pure functions, each compiled once.
+
+Both read the optimizer step from the state, so evaluation computes exactly the training
+objective at that step. Static configuration travels in one hashable `StepSetup`; the teacher's
+params are an argument (never part of the state). `compile_steps` binds setup and teacher and
+returns `train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> metrics`.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import jmp
+import optax
+
+from jaxdistill import losses
+from jaxdistill.models import ModelConfig
+from jaxdistill.objective import COMPONENTS, ObjectiveConfig, objective, run_models
+from jaxdistill.optim import OptimConfig, make_optimizer
+from jaxdistill.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+  objective: ObjectiveConfig   # already resolve_layers-ed for these models
+  student: ModelConfig
+  teacher: ModelConfig
+  optim: OptimConfig
+  dynamic_loss_scale: bool = False  # fp16 compute: scale the loss, skip and shrink on overflow
+
+
+def train_step(state: TrainState, batch, teacher_params, *, setup: StepSetup):
+  """One micro-batch: gradients of the guarded objective, accumulated; an update every k calls.
+
+  Non-finite gradients (after unscaling) leave params and optimizer state untouched and count in
+  `nonfinite['grads']`; with fp16 the dynamic loss scale shrinks on them and grows after a run of
+  finite steps.
+  """
+  tx, lr_fn = make_optimizer(setup.optim)
+  opt_step = state.opt_step
+  scaler = state.loss_scaler(setup.dynamic_loss_scale)
+
+  def loss_fn(trainable):
+    total, metrics = objective(trainable, teacher_params, batch, opt_step, setup.objective, setup.student,
+                               setup.teacher)
+    return scaler.scale(total), metrics
+
+  grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads = scaler.unscale(grads)
+  finite = jmp.all_finite(grads)
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  params, opt_state = jmp.select_tree(finite, (new_params, new_opt_state), (state.params, state.opt_state))
+  nonfinite = {c: state.nonfinite[c] + metrics[f"nonfinite/{c}"].astype(jnp.int32) for c in COMPONENTS}
+  nonfinite["grads"] = state.nonfinite["grads"] + (~finite).astype(jnp.int32)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, nonfinite=nonfinite)
+  if setup.dynamic_loss_scale:
+    adjusted = scaler.adjust(finite)
+    new_state = new_state.replace(loss_scale=adjusted.loss_scale, loss_scale_good_steps=adjusted.counter)
+  metrics.update({
+      "opt_step": opt_step, "lr": lr_fn(opt_step), "grad_norm": optax.global_norm(grads),
+      "skipped": (~finite).astype(jnp.float32), "loss_scale": state.loss_scale,
+      **{f"count/nonfinite/{k}": v for k, v in nonfinite.items()}})
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch, teacher_params, *, setup: StepSetup):
+  """The training objective at the state's step, plus plain metrics, and token counts for reduction.
+
+  Plain metrics: student and teacher LM loss and perplexity, KL(teacher || student) at T = 1 over
+  the full vocabulary, and top-1 agreement. `count/tokens` (KD tokens) and `count/label_tokens`
+  (LM targets) let the caller form token-weighted means over a whole split.
+  """
+  cfg, student, teacher = setup.objective, setup.student, setup.teacher
+  models_out = run_models(state.params["student"], teacher_params, batch, cfg, student, teacher)
+  _, metrics = objective(state.params, teacher_params, batch, state.opt_step, cfg, student, teacher,
+                         models_out=models_out)
+  student_out, _, teacher_out, _ = models_out
+  mask_BxL = batch["student_attention_mask"]
+  labels_BxL, label_mask_BxL = losses.next_token_labels(batch["student_input_ids"], mask_BxL)
+  vocab = min(student.vocab_size, teacher.vocab_size)
+  student_logits, teacher_logits = student_out.logits_BxLxV[..., :vocab], teacher_out.logits_BxLxV[..., :vocab]
+  student_lm = losses.lm_loss(student_out.logits_BxLxV, labels_BxL, label_mask_BxL, chunk_size=cfg.chunk_size)
+  teacher_lm = losses.lm_loss(teacher_out.logits_BxLxV, labels_BxL, label_mask_BxL, chunk_size=cfg.chunk_size)
+  agree_BxL = (jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32)
+  mask = mask_BxL.astype(jnp.float32)
+  metrics.update({
+      "opt_step": state.opt_step,
+      "student_lm_loss": student_lm, "student_ppl": jnp.exp(student_lm),
+      "teacher_lm_loss": teacher_lm, "teacher_ppl": jnp.exp(teacher_lm),
+      "kl_t1": losses.kd_loss(student_logits, teacher_logits, mask_BxL, temperature=1.0, chunk_size=cfg.chunk_size),
+      "top1_agreement": jnp.sum(agree_BxL * mask) / jnp.maximum(jnp.sum(mask), 1.0),
+      "count/tokens": jnp.sum(mask), "count/label_tokens": jnp.sum(label_mask_BxL.astype(jnp.float32)),
+  })
+  return metrics
+
+
+def compile_steps(setup: StepSetup, teacher_params):
+  """(train_step(state, batch), eval_step(state, batch)), jitted once, the state donated in training."""
+  jit_train = jax.jit(train_step, static_argnames="setup", donate_argnames="state")
+  jit_eval = jax.jit(eval_step, static_argnames="setup")
+  return (functools.partial(jit_train, teacher_params=teacher_params, setup=setup),
+          functools.partial(jit_eval, teacher_params=teacher_params, setup=setup))

@@ -1,0 +1,278 @@
+"""The training loop: `train_and_evaluate(cfg, workdir, resume)`.
+
+Builds tokenizer, data, teacher, student and state; resumes from the workdir's newest good
+checkpoint (or `resume`); runs micro-batches through the compiled `train_step`; logs, evaluates,
+checkpoints and monitors on optimizer-step boundaries; writes an emergency checkpoint when
+interrupted; exports the student in Hugging Face format at the end.
+"""
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jaxdistill import checkpoint as ckpt
+from jaxdistill import config as config_lib
+from jaxdistill import metrics as metrics_lib
+from jaxdistill.build import build_model, build_tokenizer
+from jaxdistill.data.pipeline import DataPipeline
+from jaxdistill.errors import JaxDistillError
+from jaxdistill.models import save_pretrained
+from jaxdistill.monitor import RunMonitor, out_of_memory_message
+from jaxdistill.objective import COMPONENTS, init_heads
+from jaxdistill.optim import make_optimizer
+from jaxdistill.state import create_train_state
+from jaxdistill.steps import StepSetup, compile_steps
+
+FP16_INITIAL_LOSS_SCALE = 2.0 ** 15
+
+
+class Interrupted(JaxDistillError):
+  """SIGTERM or Ctrl-C: the run stopped after an emergency checkpoint."""
+
+  def __init__(self, signum: int):
+    self.exit_code = 128 + signum
+    super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+class _StopFlag:
+  """SIGTERM and the first Ctrl-C ask the loop to stop after the current step; a second Ctrl-C aborts."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signum == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+def _log(message: str) -> None:
+  tqdm.write(message, file=sys.stdout)
+
+
+def _host(tree) -> dict:
+  return {k: np.asarray(v).item() for k, v in jax.device_get(tree).items()}
+
+
+def _device_memory() -> dict:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return {"memory/bytes_in_use": stats["bytes_in_use"]} if "bytes_in_use" in stats else {}
+
+
+def _param_count(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def _summary(cfg, teacher, student, data, setup: StepSetup, total_steps: int, start_step: int) -> str:
+  accumulation = setup.optim.accumulation_steps
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * accumulation
+  cur = setup.objective.curriculum
+  phases = ["0"] + [f"{b:.0%}" for b in cur.boundaries]
+  rows = []
+  for i, start in enumerate(phases):
+    weights = "  ".join(f"{name}={cur.values(name)[i]:g}" for name in ("kd", "lm", "attention", "feature", "layerwise",
+                                                                     "contrastive"))
+    rows.append(f"    phase {i + 1} from {start:>4s}: {weights}  T={cur.temperature[i]:g}")
+  device = jax.local_devices()[0]
+  return "\n".join([
+      "[RUN]",
+      f"  devices : {jax.device_count()} x {device.platform} ({device.device_kind})",
+      f"  teacher : {teacher.path or 'random ' + teacher.config.family}  {_param_count(teacher.params):,} params  "
+      f"{teacher.config.num_layers} layers  {teacher.config.param_dtype}/{teacher.config.dtype}",
+      f"  student : {student.path or 'random ' + student.config.family}  {_param_count(student.params):,} params  "
+      f"{student.config.num_layers} layers  {student.config.param_dtype}/{student.config.dtype}"
+      + ("  (fp16 dynamic loss scaling)" if setup.dynamic_loss_scale else ""),
+      f"  data    : {cfg.data.source}  {data.num_train_sequences:,} train / {data.num_eval_sequences:,} eval sequences "
+      f"of {cfg.data.seq_len} tokens",
+      f"  steps   : {total_steps:,} optimizer steps x {accumulation} micro-batches of {cfg.data.batch_size} = "
+      f"{tokens_per_step:,} tokens per step; {data.batches_per_epoch // accumulation:,} steps per epoch"
+      + (f"; resuming at step {start_step:,}" if start_step else ""),
+      "  curriculum:", *rows,
+  ])
+
+
+def _drill(batch: dict, micro_step: int, debug) -> dict:
+  """Adds the `inject_nonfinite` vector when a debug drill is configured (every batch, to keep one shape)."""
+  if not debug.inject_nonfinite:
+    return batch
+  inject = np.zeros(len(COMPONENTS), np.float32)
+  if micro_step % debug.inject_every == 0:
+    inject[COMPONENTS.index(debug.inject_nonfinite)] = np.nan
+  return {**batch, "inject_nonfinite": inject}
+
+
+def _evaluate(eval_step, state, data) -> dict:
+  reducer = metrics_lib.EvalReducer()
+  for batch in data.eval_batches():
+    reducer.add(_host(eval_step(state, batch)))
+  return reducer.result()
+
+
+def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None = None) -> dict:
+  """Runs the whole job; returns the final evaluation metrics. `resume`: a checkpoint path or None."""
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer = build_tokenizer(cfg)
+  data = DataPipeline(cfg.data, tokenizer, cfg.seed, cache_dir=os.path.join(workdir, "data_cache"))
+  rng = jax.random.key(cfg.seed)
+  teacher_rng, student_rng, heads_rng, state_rng = jax.random.split(rng, 4)
+  teacher = build_model(cfg.teacher, len(tokenizer), teacher_rng, "teacher")
+  student = build_model(cfg.student, len(tokenizer), student_rng, "student")
+
+  accumulation = cfg.optim.accumulation_steps
+  steps_per_epoch = data.batches_per_epoch // accumulation
+  if steps_per_epoch < 1:
+    raise JaxDistillError(f"one epoch has {data.batches_per_epoch} micro-batches, fewer than "
+                          f"optim.accumulation_steps={accumulation}: lower it or data.batch_size, or add data")
+  total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+  optim = dataclasses.replace(cfg.optim, total_steps=total_steps)
+  objective = dataclasses.replace(cfg.objective, total_steps=total_steps).resolve_layers(student.config, teacher.config)
+  fp16 = student.config.dtype == "float16"
+  setup = StepSetup(objective, student.config, teacher.config, optim, dynamic_loss_scale=fp16)
+  tx, _ = make_optimizer(optim)
+  state = create_train_state(student.params, init_heads(objective, student.config, teacher.config, heads_rng),
+                             tx, state_rng, FP16_INITIAL_LOSS_SCALE if fp16 else 1.0)
+
+  checkpointer = ckpt.Checkpointer(workdir, cfg.checkpoint.keep)
+  meta = {}
+  if resume:
+    state, meta = ckpt.restore_path(resume, ckpt.abstract(state))
+  elif checkpointer.has_checkpoints():
+    restored = checkpointer.restore_latest(ckpt.abstract(state))
+    if restored is not None:
+      state, meta = restored
+  monitor = RunMonitor(cfg.monitor, meta.get("monitor"))
+  best_metric = meta.get("best_metric")
+  evals_without_improvement = meta.get("evals_without_improvement", 0)
+
+  train_step, eval_step = compile_steps(setup, teacher.params)
+  micro_step = int(state.step)
+  start_opt_step = micro_step // accumulation
+  total_micro = total_steps * accumulation
+  _log(_summary(cfg, teacher, student, data, setup, total_steps, start_opt_step))
+  student = dataclasses.replace(student, params=None)  # the state owns (and donates) the params now
+  writer = metrics_lib.MetricWriter(workdir, cfg.log.tensorboard)
+
+  def run_meta(step: int) -> dict:
+    return {"step": step, "micro_step": micro_step, "data_position": data.position(micro_step),
+            "monitor": monitor.state_dict(), "best_metric": best_metric,
+            "evals_without_improvement": evals_without_improvement}
+
+  last_eval_step = None
+
+  def evaluate(step: int) -> dict:
+    nonlocal best_metric, evals_without_improvement, last_eval_step
+    last_eval_step = step
+    result = _evaluate(eval_step, state, data)
+    writer.write(step, "eval", result)
+    _log(metrics_lib.eval_block(step, result))
+    if step % cfg.log.curriculum_every_steps == 0:
+      _log(metrics_lib.curriculum_block(step, total_steps, "eval", result))
+    value = result[cfg.train.best_metric]
+    if best_metric is None or value < best_metric:
+      best_metric, evals_without_improvement = value, 0
+      checkpointer.save(step, state, run_meta(step), best=True)
+    else:
+      evals_without_improvement += 1
+    return result
+
+  last_train, window_start, window_tokens = None, time.perf_counter(), 0
+  result = None
+  bar = tqdm(total=total_steps, initial=start_opt_step, unit="step", dynamic_ncols=True, file=sys.stderr,
+             disable=not cfg.log.progress_bar)
+  try:
+    with _StopFlag() as stop:
+      while micro_step < total_micro:
+        try:
+          state, step_metrics = train_step(state, _drill(data.train_batch(micro_step), micro_step, cfg.debug))
+        except Exception as e:  # XLA raises JaxRuntimeError; only out-of-memory is translated
+          message = out_of_memory_message(e, cfg.data.batch_size, cfg.data.seq_len, accumulation)
+          if message:
+            raise JaxDistillError(message) from None
+          raise
+        micro_step += 1
+        window_tokens += cfg.data.batch_size * cfg.data.seq_len
+        if micro_step % accumulation:
+          continue
+        step = micro_step // accumulation
+        bar.update(1)
+
+        if step % cfg.log.every_steps == 0 or step % cfg.log.debug_every_steps == 0 or step == total_steps:
+          train_metrics = _host(step_metrics)
+          elapsed = time.perf_counter() - window_start
+          counters = {k: int(v) for k, v in jax.device_get(state.nonfinite).items()}
+          record = {**train_metrics, "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                    "epoch": data.position(micro_step - 1)["epoch"], **_device_memory(),
+                    **{f"count/nonfinite/{k}": v for k, v in counters.items()}}
+          writer.write(step, "train", record)
+          bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                          tok_s=f"{record['tokens_per_s']:,.0f}")
+          window_start, window_tokens = time.perf_counter(), 0
+          last_train = record
+          for warning in monitor.on_train(step, micro_step, counters, record["loss"], fp16):
+            _log(warning)
+          if step % cfg.log.debug_every_steps == 0:
+            _log(metrics_lib.debug_block(step, record))
+          if step % cfg.log.curriculum_every_steps == 0:
+            _log(metrics_lib.curriculum_block(step, total_steps, "train", record))
+
+        epoch_end = micro_step % (steps_per_epoch * accumulation) == 0
+        if step % cfg.train.eval_every_steps == 0 or step == total_steps:
+          result = evaluate(step)
+          if last_train is not None:
+            for warning in monitor.on_eval(result["loss"], last_train["loss"]):
+              _log(warning)
+        if step % cfg.checkpoint.every_steps == 0 or epoch_end or step == total_steps:
+          checkpointer.save(step, state, run_meta(step))
+        patience = cfg.train.early_stopping_patience
+        if patience and evals_without_improvement >= patience:
+          _log(f"[EARLY STOP] {cfg.train.best_metric} has not improved for {patience} evaluations")
+          checkpointer.save(step, state, run_meta(step))
+          break
+        if stop.signum is not None:
+          raise Interrupted(stop.signum)
+  except BaseException as error:
+    _emergency_save(checkpointer, state, micro_step, accumulation, run_meta, error)
+    raise
+  finally:
+    bar.close()
+    writer.close()
+    checkpointer.wait()
+
+  step = micro_step // accumulation
+  if result is None or last_eval_step != step:
+    result = evaluate(step)
+  checkpointer.wait()
+  checkpointer.close()
+  _log(monitor.summary())
+  export_dir = save_pretrained(state.params["student"], setup.student, os.path.join(workdir, "student_hf"),
+                               hf_config=student.hf_config, tokenizer=tokenizer)
+  _log(f"[DONE] student exported to {export_dir}\n"
+       f"  held-out perplexity: student {result['student_ppl']:.2f}, teacher {result['teacher_ppl']:.2f}")
+  return result
+
+
+def _emergency_save(checkpointer, state, micro_step, accumulation, run_meta, error) -> None:
+  """Saves the last complete state when the run dies; a state lost to a failed donated step is reported."""
+  step = micro_step // accumulation
+  try:
+    checkpointer.save(step, state, run_meta(step) | {"emergency": type(error).__name__})
+    checkpointer.wait()
+    _log(f"[EMERGENCY] checkpoint written at step {step} (micro-batch {micro_step}) after {type(error).__name__}")
+  except Exception as e:  # e.g. the state's buffers were donated to the step that failed
+    _log(f"[EMERGENCY] could not write a checkpoint ({type(e).__name__}); the last periodic one stands")

@@ -1,0 +1,177 @@
+"""Train and eval steps: the guard, accumulation, compile-once, eval == training objective."""
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdistill import models, steps
+from jaxdistill.config import ArchSpec
+from jaxdistill.curriculum import CurriculumConfig
+from jaxdistill.objective import COMPONENTS, ObjectiveConfig, init_heads
+from jaxdistill.optim import OptimConfig, make_optimizer
+from jaxdistill.state import NONFINITE_COUNTERS, create_train_state
+
+VOCAB = 64
+STUDENT = ArchSpec("llama", VOCAB, 32, 2, 4, 2, 64, 64, True).model_config(VOCAB, "float32", "float32")
+TEACHER = ArchSpec("llama", VOCAB, 48, 3, 6, 2, 96, 64, False).model_config(VOCAB, "float32", "float32")
+# One phase with every component weighted, so each one matters from step 0.
+ALL_ON = CurriculumConfig(boundaries=(), kd=(0.7,), lm=(0.3,), attention=(0.1,), feature=(0.1,),
+                          layerwise=(0.05,), contrastive=(0.05,), temperature=(2.0,))
+OPTIM = OptimConfig(learning_rate=1e-3, heads_learning_rate=1e-3, warmup_steps=0, total_steps=100)
+
+
+def _setup(curriculum=ALL_ON, optim=OPTIM, **objective):
+  cfg = ObjectiveConfig(total_steps=optim.total_steps, curriculum=curriculum, chunk_size=16, **objective)
+  return steps.StepSetup(cfg.resolve_layers(STUDENT, TEACHER), STUDENT, TEACHER, optim)
+
+
+def _state(setup, initial_loss_scale=1.0):
+  keys = jax.random.split(jax.random.key(0), 4)
+  tx, _ = make_optimizer(setup.optim)
+  return create_train_state(models.init_params(STUDENT, keys[0]), init_heads(setup.objective, STUDENT, TEACHER, keys[1]),
+                            tx, keys[2], initial_loss_scale)
+
+
+def _batch(seed=0, batch=4, length=16, pad=True):
+  ids = jax.random.randint(jax.random.key(seed), (batch, length), 0, VOCAB)
+  mask = jnp.ones_like(ids)
+  if pad:
+    mask = mask.at[0, :5].set(0).at[1, -3:].set(0)
+  return {"student_input_ids": ids, "student_attention_mask": mask, "teacher_input_ids": ids,
+          "teacher_attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def teacher_params():
+  return models.init_params(TEACHER, jax.random.key(42))
+
+
+_train = jax.jit(steps.train_step, static_argnames="setup", donate_argnames="state")
+_eval = jax.jit(steps.eval_step, static_argnames="setup")
+
+
+def _copy(state):
+  return jax.tree.map(jnp.copy, state)
+
+
+def test_metrics_are_flat_and_the_total_is_the_sum_of_weighted_components(teacher_params):
+  setup = _setup()
+  _, metrics = _train(_state(setup), _batch(), teacher_params, setup=setup)
+  assert all(jnp.ndim(v) == 0 for v in metrics.values())
+  for c in COMPONENTS:
+    assert float(metrics[f"loss/{c}"]) == pytest.approx(float(metrics[f"weight/{c}"] * metrics[f"raw/{c}"]), rel=1e-6)
+    assert float(metrics[f"raw/{c}"]) != 0.0, c  # every component is live in this setup
+  total = sum(float(metrics[f"loss/{c}"]) for c in COMPONENTS)
+  assert float(metrics["loss"]) == pytest.approx(total, rel=1e-6)
+  assert float(metrics["lr"]) == pytest.approx(1e-3)  # no warmup, step 0 of the cosine
+
+
+def test_eval_computes_the_training_objective_at_the_states_step(teacher_params):
+  setup = _setup()
+  state = _state(setup)
+  batch = _batch()
+  for _ in range(3):
+    state, _ = _train(state, _batch(seed=1), teacher_params, setup=setup)
+  evaluated = _eval(state, batch, teacher_params, setup=setup)
+  _, trained = _train(_copy(state), batch, teacher_params, setup=setup)
+  assert int(evaluated["opt_step"]) == int(trained["opt_step"]) == 3
+  for key in [k for k in trained if k.split("/")[0] in ("raw", "weight", "loss")] + ["loss", "temperature"]:
+    np.testing.assert_allclose(float(evaluated[key]), float(trained[key]), rtol=1e-6, atol=1e-7, err_msg=key)
+  # Plain metrics: perplexity is exp(LM loss); counts are the real tokens and the real next-token targets.
+  assert float(evaluated["student_ppl"]) == pytest.approx(np.exp(float(evaluated["student_lm_loss"])), rel=1e-5)
+  assert float(evaluated["count/tokens"]) == 4 * 16 - 5 - 3
+  assert float(evaluated["count/label_tokens"]) == (16 - 5 - 1) + (16 - 3 - 1) + 15 + 15
+  assert 0 <= float(evaluated["top1_agreement"]) <= 1 and float(evaluated["kl_t1"]) > 0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("index", range(len(COMPONENTS)))
+def test_nonfinite_component_is_zeroed_counted_and_the_rest_still_trains(teacher_params, index, bad):
+  setup = _setup()
+  component = COMPONENTS[index]
+  inject = jnp.zeros(len(COMPONENTS)).at[index].set(bad)
+  state = _state(setup)
+  before = _copy(state.params)
+  new_state, metrics = _train(state, {**_batch(), "inject_nonfinite": inject}, teacher_params, setup=setup)
+  assert np.isfinite(float(metrics["loss"]))
+  assert float(metrics[f"raw/{component}"]) == 0.0
+  assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["skipped"]) == 0.0
+  counts = {k: int(v) for k, v in new_state.nonfinite.items()}
+  assert counts == {k: int(k == component) for k in NONFINITE_COUNTERS}
+  chex.assert_tree_all_finite(new_state.params)
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before["student"], new_state.params["student"])
+  assert all(jax.tree.leaves(changed)), "the finite components must still update every student tensor"
+
+
+def test_nonfinite_component_gives_exactly_the_update_without_it(teacher_params):
+  """A NaN kd term contributes nothing: the update equals the one with kd switched off."""
+  setup = _setup()
+  no_kd = _setup(curriculum=dataclasses.replace(ALL_ON, kd=(0.0,)))
+  nan_kd = {**_batch(), "inject_nonfinite": jnp.zeros(len(COMPONENTS)).at[0].set(jnp.nan)}
+  with_nan, _ = _train(_state(setup), nan_kd, teacher_params, setup=setup)
+  without, _ = _train(_state(no_kd), _batch(), teacher_params, setup=no_kd)
+  chex.assert_trees_all_close(with_nan.params, without.params, atol=1e-6)
+
+
+def test_nonfinite_gradients_skip_the_update_and_shrink_the_fp16_loss_scale(teacher_params):
+  setup = dataclasses.replace(_setup(), dynamic_loss_scale=True)
+  state = _state(setup, initial_loss_scale=3e38)  # the scaled loss overflows to inf
+  before = _copy(state)
+  new_state, metrics = _train(state, _batch(), teacher_params, setup=setup)
+  assert float(metrics["skipped"]) == 1.0 and int(new_state.nonfinite["grads"]) == 1
+  chex.assert_trees_all_equal(new_state.params, before.params)
+  chex.assert_trees_all_equal(new_state.opt_state, before.opt_state)
+  assert int(new_state.step) == 1 and int(new_state.opt_step) == 0
+  assert float(new_state.loss_scale) == pytest.approx(1.5e38)
+  # A sane scale trains: finite gradients, an update, the scale unchanged until `period` good steps.
+  sane = _state(setup, initial_loss_scale=2.0 ** 10)
+  params_before = _copy(sane.params)
+  sane, metrics = _train(sane, _batch(), teacher_params, setup=setup)
+  assert float(metrics["skipped"]) == 0.0 and int(sane.opt_step) == 1
+  assert float(sane.loss_scale) == 2.0 ** 10 and int(sane.loss_scale_good_steps) == 1
+  assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params_before, sane.params)))
+
+
+def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch(teacher_params):
+  # contrastive (in-batch negatives) and load balance (a product of batch shares) are batch-level
+  # statistics, not token means: they are switched off for this identity.
+  curriculum = dataclasses.replace(ALL_ON, contrastive=(0.0,))
+  router_cfg = dataclasses.replace(ObjectiveConfig(1).router, load_balance_coef=0.0)
+  k = 4
+  accumulated = _setup(curriculum, dataclasses.replace(OPTIM, accumulation_steps=k), router=router_cfg)
+  single = _setup(curriculum, OPTIM, router=router_cfg)
+  big = _batch(seed=3, batch=2 * k, pad=False)  # equal token counts per micro-batch
+  micro = [jax.tree.map(lambda x, i=i: x[2 * i:2 * i + 2], big) for i in range(k)]
+
+  state = _state(accumulated)
+  start = _copy(state.params)
+  for i, batch in enumerate(micro):
+    state, metrics = _train(state, batch, teacher_params, setup=accumulated)
+    assert int(metrics["opt_step"]) == 0  # every micro-batch of the window sees the same step
+    if i < k - 1:
+      chex.assert_trees_all_equal(state.params, start)
+  assert int(state.opt_step) == 1 and int(state.step) == k
+  reference, _ = _train(_state(single), big, teacher_params, setup=single)
+  chex.assert_trees_all_close(state.params, reference.params, atol=2e-6)
+
+
+def test_fifty_steps_and_repeated_evals_compile_once_each(teacher_params):
+  setup = _setup()
+  train = jax.jit(chex.assert_max_traces(steps.train_step, n=1), static_argnames="setup", donate_argnames="state")
+  evaluate = jax.jit(chex.assert_max_traces(steps.eval_step, n=1), static_argnames="setup")
+  train_step = functools.partial(train, teacher_params=teacher_params, setup=setup)
+  eval_step = functools.partial(evaluate, teacher_params=teacher_params, setup=setup)
+  state = _state(setup)
+  first = eval_step(state, _batch())  # step 0: where the every-100-steps debug logging fires
+  for i in range(50):
+    state, metrics = train_step(state, _batch(seed=i % 5))
+    if i % 10 == 9:
+      eval_step(state, _batch())
+  assert int(state.step) == 50 and int(metrics["opt_step"]) == 49
+  at_500 = eval_step(state.replace(step=jnp.int32(500)), _batch())  # another debug-logging step
+  assert float(at_500["loss"]) < float(first["loss"])  # and it learned something meanwhile

@@ -1,0 +1,206 @@
+"""End-to-end runs of `python -m jaxdistill.train` on tiny models: logs, metrics, kill and resume, export."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxdistill.metrics import read_records
+from jaxdistill.objective import COMPONENTS
+
+SMOKE = "configs/cpu_demo.py:smoke"
+# A longer smoke run for interruption tests: 40 optimizer steps, checkpoints every 5.
+LONG = ["--config.train.max_steps=40", "--config.log.tensorboard=False", "--config.checkpoint.every_steps=5", "--config.train.eval_every_steps=20",
+        "--config.log.debug_every_steps=20", "--config.log.curriculum_every_steps=20", "--config.log.every_steps=5"]
+
+
+@pytest.fixture(scope="session")
+def env():
+  """Subprocess environment: offline, CPU, and conftest's persistent compilation cache."""
+  return {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+
+
+def _command(workdir, *args, config=SMOKE):
+  return [sys.executable, "-m", "jaxdistill.train", f"--config={config}", f"--workdir={workdir}", *args]
+
+
+def _run(env, workdir, *args, config=SMOKE, timeout=300):
+  return subprocess.run(_command(workdir, *args, config=config), capture_output=True, text=True, env=env,
+                        timeout=timeout)
+
+
+def _start(env, workdir, *args):
+  return subprocess.Popen(_command(workdir, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env)
+
+
+def _wait_for_checkpoint(workdir, step, process, timeout=240):
+  target = os.path.join(workdir, "checkpoints", str(step))
+  deadline = time.time() + timeout
+  while not os.path.isdir(target):
+    assert process.poll() is None, f"run ended before checkpoint {step}: {process.stderr.read()[-2000:]}"
+    assert time.time() < deadline, "no checkpoint in time"
+    time.sleep(0.02)
+
+
+def _weights(workdir) -> bytes:
+  with open(os.path.join(workdir, "student_hf", "model.safetensors"), "rb") as f:
+    return f.read()
+
+
+@pytest.fixture(scope="module")
+def smoke_run(env, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("smoke_run")
+  result = _run(env, workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+def test_run_prints_the_blocks_users_read(smoke_run):
+  _, result = smoke_run
+  out = result.stdout
+  assert out.startswith("[RUN]") and "12 optimizer steps x 2 micro-batches of 4 = 256 tokens per step" in out
+  assert "phase 2 from  30%: kd=0.7  lm=0.3  attention=0.1  feature=0.1" in out
+  for block in ("[TRAIN DEBUG] step 5", "[CURRICULUM] train step 5/12", "[EVAL] step 5:",
+                "[CURRICULUM] eval step 5/12", "[TRAIN DEBUG] step 10", "[EVAL] step 12:", "[MONITOR] no warnings",
+                "[DONE] student exported to"):
+    assert block in out, block
+  assert out.count("(match)") == 2 and "MISMATCH" not in out
+  assert "step/s" in result.stderr or "s/step" in result.stderr  # the tqdm bar
+  assert "Traceback" not in result.stderr and "TF_CPP" not in result.stderr
+
+
+def test_metrics_jsonl_records_weights_components_and_their_sum(smoke_run):
+  workdir, _ = smoke_run
+  records = list(read_records(os.path.join(workdir, "metrics.jsonl")))
+  train = [r for r in records if r["split"] == "train"]
+  evals = [r for r in records if r["split"] == "eval"]
+  assert [r["step"] for r in train] == list(range(1, 13))
+  assert [r["step"] for r in evals] == [5, 10, 12]
+  for r in records:
+    for c in COMPONENTS:
+      assert {f"raw/{c}", f"weight/{c}", f"loss/{c}"} <= set(r), (r["step"], c)
+    parts = sum(r[f"loss/{c}"] for c in COMPONENTS)
+    assert abs(parts - r["loss"]) <= 1e-5 * max(1.0, abs(r["loss"])), r
+  for r in train:
+    assert r["lr"] >= 0 and r["tokens_per_s"] > 0 and r["count/nonfinite/kd"] == 0 and r["count/nonfinite/grads"] == 0
+  # Curriculum over 12 steps: phase 2 from optimizer step ceil(3.6) = 4, phase 3 from ceil(7.2) = 8. The train
+  # record of step n was computed at optimizer step n - 1; an eval at step n at optimizer step n.
+  by_step = {r["step"]: r for r in train}
+  assert by_step[4]["weight/attention"] == 0.0 and by_step[5]["weight/attention"] == pytest.approx(0.1)
+  assert by_step[8]["weight/layerwise"] == 0.0 and by_step[9]["weight/layerwise"] == pytest.approx(0.05)
+  assert evals[0]["weight/attention"] == pytest.approx(0.1) and evals[0]["weight/layerwise"] == 0.0
+  assert evals[1]["weight/layerwise"] == pytest.approx(0.05)
+  assert evals[-1]["student_ppl"] == pytest.approx(np.exp(evals[-1]["student_lm_loss"]), rel=1e-6)
+  assert evals[-1]["student_lm_loss"] < evals[0]["student_lm_loss"]  # it learns
+
+
+def test_export_loads_in_transformers_and_matches_the_trained_params(smoke_run):
+  import jax
+  import orbax.checkpoint as ocp
+  import torch
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+
+  from jaxdistill import models
+
+  workdir, _ = smoke_run
+  export = os.path.join(workdir, "student_hf")
+  state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", "12", "state"))
+  exported = models.load_pretrained(export)
+  jax.tree.map(np.testing.assert_array_equal, exported.params, jax.device_get(state["params"]["student"]))
+  tokenizer = AutoTokenizer.from_pretrained(export)
+  ids = np.asarray([tokenizer("def distill(teacher, student):")["input_ids"]], np.int32)
+  ours = np.asarray(models.forward(exported.params, exported.config, ids).logits_BxLxV)
+  model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+  assert np.abs(ours - theirs).max() < 1e-4
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(env, tmp_path):
+  reference = _run(env, tmp_path / "reference", *LONG)
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  workdir = tmp_path / "killed"
+  process = _start(env, workdir, *LONG)
+  _wait_for_checkpoint(workdir, 10, process)
+  process.kill()
+  process.wait()
+  assert not os.path.exists(workdir / "student_hf"), "the run finished before it was killed"
+  resumed = _run(env, workdir, *LONG)  # a workdir with checkpoints resumes by default
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resuming at step" in resumed.stdout
+  assert _weights(workdir) == _weights(tmp_path / "reference")
+
+
+def test_sigterm_writes_an_emergency_checkpoint_and_resume_continues_there(env, tmp_path):
+  workdir = tmp_path / "terminated"
+  process = _start(env, workdir, *LONG)
+  _wait_for_checkpoint(workdir, 5, process)
+  process.send_signal(signal.SIGTERM)
+  stdout, _ = process.communicate(timeout=120)
+  assert process.returncode == 128 + signal.SIGTERM
+  line = next(l for l in stdout.splitlines() if l.startswith("[EMERGENCY]"))
+  step = int(line.split("at step ")[1].split()[0])
+  assert 5 <= step < 40 and os.path.isdir(workdir / "checkpoints" / str(step))
+  before = sum(1 for _ in read_records(os.path.join(workdir, "metrics.jsonl")))
+  resumed = _run(env, workdir, "--resume", *LONG)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resuming at step {step}" in resumed.stdout
+  after = list(read_records(os.path.join(workdir, "metrics.jsonl")))[before:]
+  assert after[0]["split"] == "train" and after[0]["step"] == (step // 5 + 1) * 5  # logs every 5 steps
+  assert after[-1]["step"] == 40
+
+
+def test_injected_nonfinite_batches_are_counted_and_the_monitor_warns(env, tmp_path):
+  result = _run(env, tmp_path, "--config.debug.inject_nonfinite=contrastive", "--config.debug.inject_every=6")
+  assert result.returncode == 0, result.stderr[-3000:]
+  # Micro-batches 0, 6, 12, 18 of 24 are poisoned: 4 / 24 = 17% > 1%.
+  assert "[MONITOR] contrastive was non-finite in 1 of 2 batches" in result.stdout
+  assert "[MONITOR] warnings this run: nonfinite/contrastive x1" in result.stdout
+  records = [r for r in read_records(os.path.join(tmp_path, "metrics.jsonl")) if r["split"] == "train"]
+  assert records[-1]["count/nonfinite/contrastive"] == 4 and records[-1]["count/nonfinite/grads"] == 0
+  assert all(np.isfinite(r["loss"]) for r in records)
+  assert "[DONE]" in result.stdout
+
+
+def test_p100_smoke_form_trains_and_exports(env, tmp_path):
+  result = _run(env, tmp_path, config="configs/p100.py:smoke")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "6 optimizer steps x 4 micro-batches of 2" in result.stdout
+  assert os.path.isfile(tmp_path / "student_hf" / "model.safetensors")
+
+
+@pytest.mark.parametrize("args, config, message", [
+    (["--config.optim.accumulation_steps=0"], SMOKE,
+     "error: config field 'optim.accumulation_steps' = 0 is not allowed: an integer >= 1"),
+    (["--config.data.source=/no/such/corpus.txt"], SMOKE, "/no/such/corpus.txt"),
+    ([], "configs/p100.py", "error: student.name_or_path: could not get 'HuggingFaceTB/SmolLM-135M'"),
+    (["--resume"], SMOKE, "error: config field '--resume' = 'latest' is not allowed: a run with checkpoints"),
+    (["--config.student.dtype=float64"], SMOKE,
+     "error: config field 'student.dtype' = 'float64' is not allowed: one of float32, bfloat16, float16"),
+    (["--config.student.dtyp=float32"], SMOKE, "error: no such config field 'dtyp'. Did you mean \"dtype\" instead"),
+    ([], "configs/cpu_demo.py:huge", "error: flag --config=configs/cpu_demo.py:huge: Error whilst parsing config "
+                                     "file: ValueError: unknown config argument 'huge'; allowed: smoke"),
+    ([], "configs/nope.py", "No such file or directory: 'configs/nope.py'"),
+])
+def test_bad_runs_end_with_one_line(env, tmp_path, args, config, message):
+  result = _run(env, tmp_path / "w", *args, config=config, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+
+
+def test_unwritable_workdir(env):
+  result = _run(env, "/proc/forbidden", timeout=120)
+  assert result.returncode == 2
+  assert "error: config field '--workdir' = '/proc/forbidden' is not allowed: a writable directory" in result.stderr
+
+
+def test_every_config_is_run_in_its_smoke_form():
+  import glob
+  # cpu_demo: the smoke_run fixture; p100: test_p100_smoke_form_trains_and_exports. Add new configs there.
+  assert set(glob.glob("configs/*.py")) == {"configs/cpu_demo.py", "configs/p100.py"}
