@@ -29,6 +29,21 @@ def build_tokenizer(cfg: Config):
     return load_tokenizer(cfg.student.name_or_path, cfg.student.revision)
 
 
+def check_teacher_tokenizer(cfg: Config, tokenizer) -> None:
+  """Until cross-tokenizer distillation exists, a teacher checkpoint must share the run's vocabulary."""
+  if not cfg.teacher.name_or_path:
+    return
+  try:
+    teacher_tokenizer = load_tokenizer(cfg.teacher.name_or_path, cfg.teacher.revision)
+  except ModelLoadError:
+    return  # a checkpoint without tokenizer files: nothing to compare against
+  if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+    raise ModelLoadError(
+        f"teacher.name_or_path: the teacher's tokenizer ({len(teacher_tokenizer)} tokens) differs from the run's "
+        f"({len(tokenizer)} tokens); token-level distillation needs one shared tokenizer: pick a teacher from the "
+        f"student's family or set `tokenizer` to the teacher's")
+
+
 def build_model(spec: ModelSpec, vocab_size: int, rng: jax.Array, field: str) -> hf_io.Pretrained:
   """Loads `spec.name_or_path`, or initialises `spec.arch` (vocabulary from the tokenizer if unset).
 

@@ -49,11 +49,12 @@ class Checkpointer:
     self.latest = _manager(os.path.join(workdir, LATEST_DIR), keep)
     self.best = _manager(os.path.join(workdir, BEST_DIR), 1)
 
-  def save(self, step: int, state, meta: dict, best: bool = False) -> None:
+  def save(self, step: int, state, meta: dict, best: bool = False) -> bool:
+    """Saves unless this step is already saved (e.g. periodic and epoch-end coincide); True if it saved."""
     manager = self.best if best else self.latest
     if step in manager.all_steps():
-      return  # already saved at this step (e.g. periodic and epoch-end coincide)
-    manager.save(step, args=_save_args(state, meta), force=True)
+      return False
+    return manager.save(step, args=_save_args(state, meta), force=True)
 
   def wait(self) -> None:
     self.latest.wait_until_finished()

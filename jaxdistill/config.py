@@ -55,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
       "distill": dataclasses.asdict(DistillSpec()),
       "curriculum": dataclasses.asdict(CurriculumConfig()),
       "router": dataclasses.asdict(RouterConfig()),
-      "optim": dataclasses.asdict(OptimConfig(total_steps=0)),
+      "optim": {k: v for k, v in dataclasses.asdict(OptimConfig()).items() if k != "total_steps"},
       "train": dataclasses.asdict(TrainSpec()),
       "checkpoint": dataclasses.asdict(CheckpointSpec()),
       "log": dataclasses.asdict(LogSpec()),

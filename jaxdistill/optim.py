@@ -18,7 +18,7 @@ class OptimConfig:
   learning_rate: float = 5e-5         # peak learning rate of the student
   heads_learning_rate: float = 1e-3   # peak learning rate of router and projections
   warmup_steps: int = 100             # optimizer steps of linear warmup from 0
-  total_steps: int = 1000             # optimizer steps; cosine decay ends here
+  total_steps: int = 1000             # optimizer steps; cosine decay ends here (the trainer derives it)
   min_lr_ratio: float = 0.1           # final learning rate = peak * this
   weight_decay: float = 0.01          # decoupled, on matrices only (not norms, biases)
   b1: float = 0.9

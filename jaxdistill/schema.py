@@ -192,10 +192,12 @@ def _tuplify(value):
   return tuple(_tuplify(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def _group(node, cls, where: str) -> dict:
-  """The fields of dataclass `cls` read from `node`, each of its default's type (ints pass as floats)."""
+def _group(node, cls, where: str, derived: Sequence[str] = ()) -> dict:
+  """The fields of dataclass `cls` (but `derived` ones) read from `node`, each of its default's type."""
   values = {}
   for field in dataclasses.fields(cls):
+    if field.name in derived:
+      continue
     value = _get(node, field.name, where)
     default = field.default
     if isinstance(default, tuple):
@@ -268,10 +270,11 @@ def _objective(cfg, total_steps: int) -> ObjectiveConfig:
 
 
 def _optim(cfg) -> OptimConfig:
-  o = OptimConfig(**_group(_get(cfg, "optim", ""), OptimConfig, "optim"))
+  # total_steps is derived by the trainer from train.max_steps or train.epochs and the data.
+  o = OptimConfig(**_group(_get(cfg, "optim", ""), OptimConfig, "optim", derived=("total_steps",)), total_steps=0)
   for field in ("learning_rate", "heads_learning_rate", "clip_norm", "eps"):
     _check(getattr(o, field) > 0, "optim", field, getattr(o, field), "a number > 0")
-  for field, minimum in (("total_steps", 0), ("accumulation_steps", 1), ("warmup_steps", 0)):
+  for field, minimum in (("accumulation_steps", 1), ("warmup_steps", 0)):
     _check(getattr(o, field) >= minimum, "optim", field, getattr(o, field), f"an integer >= {minimum}")
   _check(0 <= o.min_lr_ratio <= 1, "optim", "min_lr_ratio", o.min_lr_ratio, "a number in [0, 1]")
   _check(o.weight_decay >= 0, "optim", "weight_decay", o.weight_decay, "a number >= 0")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from jaxdistill import checkpoint as ckpt
 from jaxdistill import config as config_lib
 from jaxdistill import metrics as metrics_lib
-from jaxdistill.build import build_model, build_tokenizer
+from jaxdistill.build import build_model, build_tokenizer, check_teacher_tokenizer
 from jaxdistill.data.pipeline import DataPipeline
 from jaxdistill.errors import JaxDistillError
 from jaxdistill.models import save_pretrained
@@ -128,6 +128,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   """Runs the whole job; returns the final evaluation metrics. `resume`: a checkpoint path or None."""
   os.makedirs(workdir, exist_ok=True)
   tokenizer = build_tokenizer(cfg)
+  check_teacher_tokenizer(cfg, tokenizer)
   data = DataPipeline(cfg.data, tokenizer, cfg.seed, cache_dir=os.path.join(workdir, "data_cache"))
   rng = jax.random.key(cfg.seed)
   teacher_rng, student_rng, heads_rng, state_rng = jax.random.split(rng, 4)
@@ -247,16 +248,16 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
         if stop.signum is not None:
           raise Interrupted(stop.signum)
   except BaseException as error:
-    _emergency_save(checkpointer, state, micro_step, accumulation, run_meta, error)
-    raise
-  finally:
     bar.close()
+    _emergency_save(checkpointer, state, micro_step, accumulation, run_meta, error)
     writer.close()
-    checkpointer.wait()
+    raise
+  bar.close()
 
   step = micro_step // accumulation
-  if result is None or last_eval_step != step:
+  if result is None or last_eval_step != step:  # e.g. a finished run started again
     result = evaluate(step)
+  writer.close()
   checkpointer.wait()
   checkpointer.close()
   _log(monitor.summary())
@@ -271,8 +272,9 @@ def _emergency_save(checkpointer, state, micro_step, accumulation, run_meta, err
   """Saves the last complete state when the run dies; a state lost to a failed donated step is reported."""
   step = micro_step // accumulation
   try:
-    checkpointer.save(step, state, run_meta(step) | {"emergency": type(error).__name__})
+    written = checkpointer.save(step, state, run_meta(step) | {"emergency": type(error).__name__})
     checkpointer.wait()
-    _log(f"[EMERGENCY] checkpoint written at step {step} (micro-batch {micro_step}) after {type(error).__name__}")
+    what = "written" if written else "already on disk"
+    _log(f"[EMERGENCY] checkpoint {what} at step {step} (micro-batch {micro_step}) after {type(error).__name__}")
   except Exception as e:  # e.g. the state's buffers were donated to the step that failed
     _log(f"[EMERGENCY] could not write a checkpoint ({type(e).__name__}); the last periodic one stands")

@@ -46,6 +46,11 @@ def test_override_changes_one_field():
   assert parsed.data.seq_len == 16
 
 
+def test_total_steps_is_not_a_config_field():
+  with pytest.raises(ConfigError, match=r"'optim.total_steps'.*an existing field"):
+    config_lib.load("configs/cpu_demo.py:smoke", {"optim.total_steps": 5})
+
+
 def test_unknown_field_cannot_be_added():
   with pytest.raises(ConfigError, match=r"'student.dtyp'.*an existing field"):
     config_lib.load("configs/cpu_demo.py:smoke", {"student.dtyp": "bfloat16"})
@@ -130,5 +135,5 @@ def test_training_groups_become_typed_configs():
   assert parsed.objective.curriculum.kd == (0.5, 0.6, 0.7)
   assert parsed.objective.attention_pairs == ((0, 1),)
   assert parsed.optim.accumulation_steps == 4 and parsed.optim.learning_rate == 1.0
-  assert parsed.objective.total_steps == parsed.optim.total_steps
+  assert parsed.objective.total_steps == parsed.optim.total_steps == 0  # derived by the trainer
   hash(parsed)  # static jit arguments must be hashable

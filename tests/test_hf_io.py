@@ -180,3 +180,19 @@ def test_unsupported_rope_scaling(hf_checkpoints):
   hf["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
   with pytest.raises(ModelLoadError, match=r"rope_type 'yarn' is not supported; supported: default, linear, llama3"):
     models.from_hf_config(hf)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(hf_checkpoints, tmp_path):
+  from jaxdistill import config as config_lib
+  from jaxdistill.build import check_teacher_tokenizer
+  from tokenizers import Tokenizer, models as tok_models
+  from transformers import PreTrainedTokenizerFast
+
+  teacher_dir = shutil.copytree(hf_checkpoints["llama_gqa_untied"][0], str(tmp_path / "teacher"))
+  other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, "[UNK]")))
+  other.save_pretrained(teacher_dir)
+  cfg = config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", {"teacher.name_or_path": teacher_dir}))
+  with pytest.raises(ModelLoadError, match=r"teacher's tokenizer \(3 tokens\) differs from the run's \(257 tokens\)"):
+    check_teacher_tokenizer(cfg, byte_tokenizer())
+  byte_tokenizer().save_pretrained(teacher_dir)  # the same vocabulary: accepted
+  check_teacher_tokenizer(cfg, byte_tokenizer())

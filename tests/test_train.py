@@ -121,6 +121,16 @@ def test_export_loads_in_transformers_and_matches_the_trained_params(smoke_run):
   assert np.abs(ours - theirs).max() < 1e-4
 
 
+def test_starting_a_finished_run_again_only_evaluates_and_exports(env, smoke_run, tmp_path):
+  import shutil
+
+  workdir = shutil.copytree(smoke_run[0], tmp_path / "again")
+  result = _run(env, workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "resuming at step 12" in result.stdout and "[TRAIN DEBUG]" not in result.stdout
+  assert "[EVAL] step 12:" in result.stdout and "[DONE]" in result.stdout
+
+
 def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(env, tmp_path):
   reference = _run(env, tmp_path / "reference", *LONG)
   assert reference.returncode == 0, reference.stderr[-3000:]
@@ -143,7 +153,7 @@ def test_sigterm_writes_an_emergency_checkpoint_and_resume_continues_there(env, 
   process.send_signal(signal.SIGTERM)
   stdout, _ = process.communicate(timeout=120)
   assert process.returncode == 128 + signal.SIGTERM
-  line = next(l for l in stdout.splitlines() if l.startswith("[EMERGENCY]"))
+  line = next(l for l in stdout.splitlines() if l.startswith("[EMERGENCY] checkpoint"))
   step = int(line.split("at step ")[1].split()[0])
   assert 5 <= step < 40 and os.path.isdir(workdir / "checkpoints" / str(step))
   before = sum(1 for _ in read_records(os.path.join(workdir, "metrics.jsonl")))
