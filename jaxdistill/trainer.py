@@ -98,8 +98,7 @@ def _summary(cfg, teacher, student, data, setup: StepSetup, total_steps: int, st
       f"  student : {student.path or 'random ' + student.config.family}  {_param_count(student.params):,} params  "
       f"{student.config.num_layers} layers  {student.config.param_dtype}/{student.config.dtype}"
       + ("  (fp16 dynamic loss scaling)" if setup.dynamic_loss_scale else ""),
-      f"  data    : {cfg.data.source}  {data.num_train_sequences:,} train / {data.num_eval_sequences:,} eval sequences "
-      f"of {cfg.data.seq_len} tokens",
+      f"  data    : {data.summary()}",
       f"  steps   : {total_steps:,} optimizer steps x {accumulation} micro-batches of {cfg.data.batch_size} = "
       f"{tokens_per_step:,} tokens per step; {data.batches_per_epoch // accumulation:,} steps per epoch"
       + (f"; resuming at step {start_step:,}" if start_step else ""),

@@ -214,3 +214,10 @@ def test_every_config_is_run_in_its_smoke_form():
   import glob
   # cpu_demo: the smoke_run fixture; p100: test_p100_smoke_form_trains_and_exports. Add new configs there.
   assert set(glob.glob("configs/*.py")) == {"configs/cpu_demo.py", "configs/p100.py"}
+
+
+def test_run_block_describes_the_data(smoke_run):
+  _, result = smoke_run
+  line = next(l for l in result.stdout.splitlines() if l.startswith("  data    : "))
+  assert line.startswith("  data    : builtin:stdlib_docs: 300 documents; train ")
+  assert "x 32 tokens" in line and "batches of 4 per epoch" in line and "eval " in line

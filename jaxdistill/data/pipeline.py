@@ -204,9 +204,9 @@ class DataPipeline:
   def summary(self) -> str:
     """One line for the run log."""
     cfg = self.cfg
-    return (f"data {cfg.source}: {self.num_documents} documents; train {self.num_train_sequences} x "
-            f"{cfg.seq_len} tokens ({self.batches_per_epoch} batches of {cfg.batch_size} per epoch); "
-            f"eval {self.num_eval_sequences} sequences, {self.eval_tokens} tokens, {self.num_eval_batches} batches")
+    return (f"{cfg.source}: {self.num_documents:,} documents; train {self.num_train_sequences:,} x "
+            f"{cfg.seq_len} tokens ({self.batches_per_epoch:,} batches of {cfg.batch_size} per epoch); "
+            f"eval {self.num_eval_sequences:,} sequences, {self.eval_tokens:,} tokens, {self.num_eval_batches:,} batches")
 
 
 def _batch(ids_BxL: np.ndarray, mask_BxL: np.ndarray) -> dict[str, np.ndarray]:
