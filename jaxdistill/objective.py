@@ -200,10 +200,11 @@ def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: Object
                           chunk_size=cfg.chunk_size)
 
   # component -> (function closing over static values only, its array inputs).
-  terms = {
-      "kd": (kd, (student_out.logits_BxLxV, teacher_out.logits_BxLxV, mask_BxL, kd_temperature)),
-      "lm": (lm, (student_out.logits_BxLxV, batch["student_input_ids"], mask_BxL)),
-  }
+  terms = {}
+  if cfg.enabled("kd"):
+    terms["kd"] = (kd, (student_out.logits_BxLxV, teacher_out.logits_BxLxV, mask_BxL, kd_temperature))
+  if cfg.enabled("lm"):
+    terms["lm"] = (lm, (student_out.logits_BxLxV, batch["student_input_ids"], mask_BxL))
   if cfg.enabled("attention"):
     terms["attention"] = (losses.attention_loss, (
         [student_maps[s] for s, _ in cfg.attention_pairs], [teacher_maps[t] for _, t in cfg.attention_pairs],

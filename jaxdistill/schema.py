@@ -325,9 +325,7 @@ def _positive_ints(cfg, group: str, cls):
 
 
 def _data(cfg) -> DataConfig:
-  d = DataConfig(**_group(_get(cfg, "data", ""), DataConfig, "data"))  # DataConfig checks its own ranges
-  _check(bool(d.source), "data", "source", d.source, "builtin:stdlib_docs, a hub dataset id, or a local file/directory")
-  return d
+  return DataConfig(**_group(_get(cfg, "data", ""), DataConfig, "data"))  # DataConfig checks its own values
 
 
 def _train(cfg) -> TrainSpec:

@@ -192,7 +192,6 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
     return result
 
   last_train, window_start, window_tokens = None, time.perf_counter(), 0
-  result = None
   bar = tqdm(total=total_steps, initial=start_opt_step, unit="step", dynamic_ncols=True, file=sys.stderr,
              disable=not cfg.log.progress_bar)
   try:
@@ -231,7 +230,8 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
           if step % cfg.log.curriculum_every_steps == 0:
             _log(metrics_lib.curriculum_block(step, total_steps, "train", record))
 
-        epoch_end = micro_step % (steps_per_epoch * accumulation) == 0
+        # This optimizer step's micro-batches crossed into a new data epoch (grain's epochs, by micro-batch).
+        epoch_end = micro_step // data.batches_per_epoch != (micro_step - accumulation) // data.batches_per_epoch
         if step % cfg.train.eval_every_steps == 0 or step == total_steps:
           result = evaluate(step)
           if last_train is not None:
@@ -254,7 +254,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   bar.close()
 
   step = micro_step // accumulation
-  if result is None or last_eval_step != step:  # e.g. a finished run started again
+  if last_eval_step != step:  # e.g. a finished run started again
     result = evaluate(step)
   writer.close()
   checkpointer.wait()
