@@ -4,6 +4,10 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from absl import flags
+
+from jaxdistill.errors import CommandLineError, JaxDistillError
+
 
 def quiet_environment() -> None:
   """Silences TensorFlow/XLA/transformers start-up chatter; call before jax or transformers is imported."""
@@ -14,11 +18,30 @@ def quiet_environment() -> None:
   os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def one_line(e: Exception) -> str:
+  """absl and config_flags errors can embed a traceback; keep the first and the last line."""
+  message = e
+  while isinstance(message, BaseException) and message.args:  # config_flags nests KeyError in AttributeError
+    message = message.args[0]
+  lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+  if not lines:
+    return type(e).__name__
+  if isinstance(e, (AttributeError, KeyError)):
+    return f"no such config field {lines[0]}. {' '.join(lines[1:])}".strip()
+  return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+
+
+def parse_command_line(argv: Sequence[str]) -> list[str]:
+  """Parses the global absl flags (config file and overrides included), errors as CommandLineError."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # absl raises flags.Error; config_flags lets AttributeError/KeyError through
+    raise CommandLineError(one_line(e)) from None
+
+
 def run(main: Callable[[Sequence[str]], int | None]) -> None:
   """`absl.app.run(main)`, printing a `JaxDistillError` as one `error:` line with exit code 2."""
   from absl import app
-
-  from jaxdistill.errors import JaxDistillError
 
   def guarded(argv):
     from absl import logging
@@ -33,7 +56,6 @@ def run(main: Callable[[Sequence[str]], int | None]) -> None:
       sys.exit(130)
 
   def parse_flags(argv):
-    from jaxdistill.config import parse_command_line
     try:
       return parse_command_line(argv)
     except JaxDistillError as e:

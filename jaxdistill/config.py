@@ -10,7 +10,6 @@ frozen dataclasses; nothing past it sees a ConfigDict.
 import dataclasses
 import importlib.util
 import os
-from typing import Sequence
 
 import ml_collections
 from absl import flags
@@ -18,12 +17,13 @@ from ml_collections import config_flags
 
 from jaxdistill.curriculum import CurriculumConfig
 from jaxdistill.data.pipeline import DataConfig
+from jaxdistill.cli import one_line
 from jaxdistill.errors import CommandLineError, ConfigError
 from jaxdistill.monitor import MonitorConfig
 from jaxdistill.optim import OptimConfig
 from jaxdistill.router import RouterConfig
-from jaxdistill.schema import (EVAL_METRICS, ArchSpec, CheckpointSpec, Config, DebugSpec, DistillSpec,  # noqa: F401
-                               LogSpec, ModelSpec, TrainSpec, parse)
+from jaxdistill.schema import (EVAL_METRICS, MODES, ArchSpec, CheckpointSpec, Config, DebugSpec,  # noqa: F401
+                               DistillSpec, LogSpec, ModelSpec, StagesSpec, TrainSpec, parse)
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks for config files.
@@ -43,13 +43,14 @@ def model_group(name_or_path: str = "", *, arch: dict | None = None, param_dtype
 def base_config() -> ml_collections.ConfigDict:
   """Every field a run has, with defaults; config files fill in the models and sizes."""
   return ml_collections.ConfigDict({
-      "seed": 0,                  # seeds initialisation (and, later, data order)
+      "seed": 0,                  # seeds initialisation and data order
+      "mode": "distill",          # distill: teacher -> student; lm: plain LM training of `student` (no teacher)
       "teacher": model_group(),
       "student": model_group(),
       "tokenizer": "",            # HF id or dir, or 'byte'; '' uses the student's checkpoint
       # The groups below take their fields and defaults from the dataclasses that document them:
-      # DataConfig (jaxdistill/data/pipeline.py), DistillSpec, TrainSpec, CheckpointSpec, LogSpec
-      # (here), CurriculumConfig (curriculum.py), RouterConfig (router.py), OptimConfig (optim.py),
+      # DataConfig (jaxdistill/data/pipeline.py), DistillSpec, TrainSpec, CheckpointSpec, LogSpec,
+      # StagesSpec (schema.py), CurriculumConfig (curriculum.py), RouterConfig (router.py), OptimConfig (optim.py),
       # MonitorConfig (monitor.py).
       "data": dataclasses.asdict(DataConfig()),
       "distill": dataclasses.asdict(DistillSpec()),
@@ -61,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
       "log": dataclasses.asdict(LogSpec()),
       "monitor": dataclasses.asdict(MonitorConfig()),
       "debug": dataclasses.asdict(DebugSpec()),
+      "stages": dataclasses.asdict(StagesSpec()),   # teacher training before, scratch baseline after
   })
 
 
@@ -90,27 +92,6 @@ def define_config_flag() -> flags.FlagHolder:
                                          lock_config=True)
 
 
-def _one_line(e: Exception) -> str:
-  """absl and config_flags errors can embed a traceback; keep the first and the last line."""
-  message = e
-  while isinstance(message, BaseException) and message.args:  # config_flags nests KeyError in AttributeError
-    message = message.args[0]
-  lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-  if not lines:
-    return type(e).__name__
-  if isinstance(e, (AttributeError, KeyError)):
-    return f"no such config field {lines[0]}. {' '.join(lines[1:])}".strip()
-  return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
-
-
-def parse_command_line(argv: Sequence[str]) -> list[str]:
-  """Parses the global absl flags (config file and overrides included), errors as CommandLineError."""
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # absl raises flags.Error; config_flags lets AttributeError/KeyError through
-    raise CommandLineError(_one_line(e)) from None
-
-
 def loaded_config(holder: flags.FlagHolder) -> ml_collections.ConfigDict:
   """The value of the `--config` flag; a config file that failed to load becomes CommandLineError."""
   try:
@@ -118,7 +99,7 @@ def loaded_config(holder: flags.FlagHolder) -> ml_collections.ConfigDict:
     if cfg is not None:
       cfg.keys()  # a failed load yields a placeholder that raises on first use
   except Exception as e:  # config_flags defers a load failure to the first access
-    raise CommandLineError(f"--config: {_one_line(e)}") from None
+    raise CommandLineError(f"--config: {one_line(e)}") from None
   if cfg is None:
     raise CommandLineError("--config is required, e.g. --config configs/cpu_demo.py:smoke")
   return cfg

@@ -39,6 +39,14 @@ class CurriculumConfig:
     return any(v != 0 for v in self.values(name))
 
 
+def lm_only(cfg: CurriculumConfig) -> CurriculumConfig:
+  """The curriculum of plain LM training: `lm` weighs 1 in every phase, every other component 0."""
+  phases = len(cfg.boundaries) + 1
+  zeros = (0.0,) * phases
+  return dataclasses.replace(cfg, alpha_kd=1.0, kd=zeros, lm=(1.0,) * phases, attention=zeros, feature=zeros,
+                             layerwise=zeros, contrastive=zeros, ramp_fraction=0.0)
+
+
 def boundary_steps(total_steps: int, cfg: CurriculumConfig) -> tuple[int, ...]:
   """First optimizer step of each phase after the first: ceil(fraction * total_steps)."""
   return tuple(math.ceil(fraction * total_steps - 1e-9) for fraction in cfg.boundaries)

@@ -26,6 +26,7 @@ class EvalReducer:
     tokens, label_tokens = float(metrics["count/tokens"]), float(metrics["count/label_tokens"])
     self.tokens += tokens
     self.label_tokens += label_tokens
+    self.opt_step = int(metrics["opt_step"])  # the same in every batch of one evaluation
     for key, value in metrics.items():
       if key in _NOT_AVERAGED or key.startswith("count/") or key.startswith("nonfinite/"):
         continue
@@ -36,8 +37,10 @@ class EvalReducer:
     out = {k: v / max(self.label_tokens if k in _LABEL_WEIGHTED else self.tokens, 1.0) for k, v in self.sums.items()}
     # The total is recomputed from its parts so that it equals their sum exactly.
     out["loss"] = sum(out[f"loss/{c}"] for c in COMPONENTS)
-    out["student_ppl"] = math.exp(min(out["student_lm_loss"], 50.0))
-    out["teacher_ppl"] = math.exp(min(out["teacher_lm_loss"], 50.0))
+    for model in ("student", "teacher"):  # no teacher in plain LM training
+      if f"{model}_lm_loss" in out:
+        out[f"{model}_ppl"] = math.exp(min(out[f"{model}_lm_loss"], 50.0))
+    out["opt_step"] = self.opt_step
     out["count/tokens"] = self.tokens
     out["count/label_tokens"] = self.label_tokens
     return out
@@ -61,10 +64,12 @@ def debug_block(step: int, metrics: dict) -> str:
 
 
 def eval_block(step: int, metrics: dict) -> str:
+  teacher = ""
+  if "teacher_ppl" in metrics:
+    teacher = (f"  teacher ppl={metrics['teacher_ppl']:.2f}  KL(T=1)={metrics['kl_t1']:.4f}  "
+               f"top-1 agreement={metrics['top1_agreement']:.3f}")
   return (f"[EVAL] step {step}: loss={metrics['loss']:.4f}  student ppl={metrics['student_ppl']:.2f} "
-          f"(lm {metrics['student_lm_loss']:.4f})  teacher ppl={metrics['teacher_ppl']:.2f}  "
-          f"KL(T=1)={metrics['kl_t1']:.4f}  top-1 agreement={metrics['top1_agreement']:.3f}  "
-          f"over {metrics['count/tokens']:.0f} tokens")
+          f"(lm {metrics['student_lm_loss']:.4f}){teacher}  over {metrics['count/tokens']:.0f} tokens")
 
 
 def _plain(value):

@@ -51,8 +51,22 @@ class ObjectiveConfig:
       return coef != 0 and self.curriculum.enabled("feature")
     return self.curriculum.enabled(component)
 
-  def resolve_layers(self, student: ModelConfig, teacher: ModelConfig) -> "ObjectiveConfig":
+  @property
+  def needs_teacher(self) -> bool:
+    """False in plain LM training: only `lm` can be weighted, and no teacher is run."""
+    return any(self.enabled(c) for c in COMPONENTS if c != "lm")
+
+  @property
+  def needs_heads(self) -> bool:
+    """Whether any enabled component uses the DistillHeads (projections, router)."""
+    return any(self.enabled(c) for c in ("layerwise", "contrastive") + _ROUTING)
+
+  def resolve_layers(self, student: ModelConfig, teacher: ModelConfig | None) -> "ObjectiveConfig":
     """Fills the default layer pairs for these two models and checks explicit ones."""
+    if teacher is None:
+      if self.needs_teacher:
+        raise ValueError("the objective weighs components that need a teacher, but there is none")
+      return self
     pairs = self.attention_pairs or ((student.num_layers - 1, teacher.num_layers - 1),)
     layer_map = self.layer_map or losses.uniform_layer_map(student.num_layers, teacher.num_layers)
     experts = self.expert_layers or router.expert_layers(teacher.num_layers, self.router.num_experts)
@@ -89,9 +103,15 @@ class DistillHeads(nn.Module):
             "gate_logits": gate_logits, "routed": routed}
 
 
+def init_heads(cfg: ObjectiveConfig, student: ModelConfig, teacher: ModelConfig | None, rng: jax.Array):
+  """Random params of the DistillHeads; {} when no enabled component uses them."""
+  if not cfg.needs_heads:
+    return {}
+  return _init_heads(cfg, student, teacher, rng)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def init_heads(cfg: ObjectiveConfig, student: ModelConfig, teacher: ModelConfig, rng: jax.Array):
-  """Random params of the DistillHeads, in one compiled call."""
+def _init_heads(cfg: ObjectiveConfig, student: ModelConfig, teacher: ModelConfig, rng: jax.Array):
   states = [jnp.zeros((1, 2, student.hidden_size), jnp.float32)] * (student.num_layers + 1)
   return DistillHeads(cfg, teacher.hidden_size).init(rng, states, jnp.zeros((1, student.hidden_size)))["params"]
 
@@ -135,7 +155,7 @@ def component_weights(opt_step: jax.Array, cfg: ObjectiveConfig) -> dict[str, ja
 
 def _requests(cfg: ObjectiveConfig):
   """Which hidden states and attention maps each model must return (static)."""
-  needs_states = any(cfg.enabled(c) for c in ("layerwise", "contrastive") + _ROUTING)
+  needs_states = cfg.needs_heads
   student_attn, teacher_attn = set(), set()
   if cfg.enabled("attention"):
     student_attn |= {s for s, _ in cfg.attention_pairs}
@@ -150,33 +170,39 @@ def _router_requests(cfg: ObjectiveConfig, student: ModelConfig):
 
 
 def run_models(student_params, teacher_params, batch, cfg: ObjectiveConfig, student: ModelConfig,
-               teacher: ModelConfig):
-  """Student forward (differentiable) and teacher forward (stop_gradient), with what cfg needs."""
+               teacher: ModelConfig | None):
+  """Student forward (differentiable) and teacher forward (stop_gradient), with what cfg needs.
+
+  With no teacher (plain LM training) the teacher's output is None.
+  """
   needs_states, student_attn, teacher_attn = _requests(cfg)
   router_student, router_teacher = _router_requests(cfg, student)
   student_attn = tuple(sorted(set(student_attn) | set(router_student)))
   teacher_attn = tuple(sorted(set(teacher_attn) | set(router_teacher)))
   student_out = forward(student_params, student, batch["student_input_ids"], batch["student_attention_mask"],
                         output_hidden_states=needs_states, attention_layers=student_attn)
+  student_maps = dict(zip(student_attn, student_out.attentions))
+  if teacher is None:
+    return student_out, student_maps, None, {}
   teacher_out = forward(teacher_params, teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
                         output_hidden_states=needs_states, attention_layers=teacher_attn)
   teacher_out = jax.lax.stop_gradient(teacher_out)
-  return (student_out, dict(zip(student_attn, student_out.attentions)),
-          teacher_out, dict(zip(teacher_attn, teacher_out.attentions)))
+  return student_out, student_maps, teacher_out, dict(zip(teacher_attn, teacher_out.attentions))
 
 
 def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: ObjectiveConfig, student: ModelConfig,
-              teacher: ModelConfig, models_out=None):
+              teacher: ModelConfig | None, models_out=None):
   """Total loss and metrics at optimizer step `opt_step`.
 
   Args:
     trainable: {'student': student params, 'heads': DistillHeads params}.
-    teacher_params: the teacher's params (no gradient flows into them).
+    teacher_params: the teacher's params (no gradient flows into them); None with no teacher.
     batch: student_/teacher_ input_ids and attention_mask [B, L] (same tokenizer: aligned
       positions), and optionally `inject_nonfinite` [len(COMPONENTS)], added to the raw component
       values (0 normally; NaN/Inf to drill the guard and the run monitor).
     opt_step: int32 optimizer step; drives the curriculum and the router schedules.
-    cfg, student, teacher: static configs (cfg already `resolve_layers`-ed).
+    cfg, student, teacher: static configs (cfg already `resolve_layers`-ed); teacher None for
+      plain LM training, where only `lm` may be enabled.
     models_out: precomputed `run_models` output (eval reuses it for its plain metrics).
   """
   if models_out is None:
@@ -187,9 +213,8 @@ def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: Object
   weights = component_weights(opt_step, cfg)
   kd_temperature = curriculum.temperature(opt_step, cfg.total_steps, cfg.curriculum)
   top_k, gate_temperature = router.schedule(curriculum.progress(opt_step, cfg.total_steps), cfg.router)
-  vocab = min(student.vocab_size, teacher.vocab_size)
-
   def kd(student_logits, teacher_logits, mask, temperature):
+    vocab = min(student.vocab_size, teacher.vocab_size)
     return losses.kd_loss(student_logits[..., :vocab], teacher_logits[..., :vocab], mask, temperature=temperature,
                           mode=cfg.kd_mode, jsd_beta=cfg.jsd_beta, top_k=cfg.kd_top_k, topk_tail=cfg.kd_topk_tail,
                           chunk_size=cfg.chunk_size)

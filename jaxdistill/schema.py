@@ -10,7 +10,7 @@ from typing import Sequence
 
 import ml_collections
 
-from jaxdistill.curriculum import CurriculumConfig
+from jaxdistill.curriculum import CurriculumConfig, lm_only
 from jaxdistill.curriculum import problem as curriculum_problem
 from jaxdistill.data.pipeline import DataConfig
 from jaxdistill.errors import ConfigError
@@ -23,6 +23,9 @@ from jaxdistill.router import RouterConfig
 from jaxdistill.tokenizer import BYTE_TOKENIZER
 
 EVAL_METRICS = ("student_lm_loss", "loss", "kl_t1", "raw/kd", "raw/lm")
+LM_EVAL_METRICS = ("student_lm_loss", "loss", "raw/lm")   # those a run without a teacher has
+MODES = ("distill", "lm")   # distill: teacher -> student; lm: plain LM training of `student`, no teacher
+
 
 @dataclasses.dataclass(frozen=True)
 class ArchSpec:
@@ -116,8 +119,21 @@ class DistillSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class StagesSpec:
+  """The `stages` group: a teacher trained before the distillation and a baseline after it."""
+  teacher_steps: int = 0                # > 0: first train the random-arch teacher by plain LM for this many
+                                        # optimizer steps on the run's data (cached, see teacher_cache)
+  teacher_learning_rate: float = 0.0    # its peak learning rate; 0: optim.learning_rate
+  teacher_cache: str = ""               # trained teachers, one directory per config hash; '': the user cache
+                                        # ($XDG_CACHE_HOME or ~/.cache)/jaxdistill/teachers
+  scratch_baseline: bool = False        # then train the same student alone (plain LM, same steps and data) in
+                                        # WORKDIR/scratch and print teacher / scratch / distilled perplexity
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   seed: int
+  mode: str           # MODES
   teacher: ModelSpec
   student: ModelSpec
   tokenizer: str      # HF id/dir, or 'byte'; '' uses the student's checkpoint
@@ -129,6 +145,7 @@ class Config:
   log: LogSpec
   monitor: MonitorConfig
   debug: DebugSpec
+  stages: StagesSpec
 
 
 def _name(where: str, field: str) -> str:
@@ -224,7 +241,7 @@ def _pairs_ok(value) -> bool:
   return all(isinstance(p, tuple) and len(p) == 2 and all(isinstance(i, int) and i >= 0 for i in p) for p in value)
 
 
-def _objective(cfg, total_steps: int) -> ObjectiveConfig:
+def _objective(cfg, total_steps: int, mode: str) -> ObjectiveConfig:
   d = _group(_get(cfg, "distill", ""), DistillSpec, "distill")
   _check(d["kd_mode"] in KD_MODES, "distill", "kd_mode", d["kd_mode"], f"one of {', '.join(KD_MODES)}")
   _check(d["kd_topk_tail"] in TOPK_TAILS, "distill", "kd_topk_tail", d["kd_topk_tail"],
@@ -247,6 +264,9 @@ def _objective(cfg, total_steps: int) -> ObjectiveConfig:
   if problem:
     field, allowed = problem
     raise ConfigError(f"curriculum.{field}", getattr(c, field), allowed)
+
+  if mode == "lm":
+    c = lm_only(c)
 
   r = RouterConfig(**_group(_get(cfg, "router", ""), RouterConfig, "router"))
   _check(r.num_experts >= 1, "router", "num_experts", r.num_experts, "an integer >= 1")
@@ -291,25 +311,45 @@ def parse(cfg: ml_collections.ConfigDict) -> Config:
     raise ConfigError("tokenizer", tokenizer,
                       f"a tokenizer id or directory, or '{BYTE_TOKENIZER}', when the student has no checkpoint")
   optim = _optim(cfg)
+  mode = _choice(cfg, "mode", "", MODES)
+  teacher = _model(_get(cfg, "teacher", ""), "teacher")
   return Config(
       seed=_positive_int(cfg, "seed", "", minimum=0),
-      teacher=_model(_get(cfg, "teacher", ""), "teacher"),
+      mode=mode,
+      teacher=teacher,
       student=student,
       tokenizer=tokenizer,
       data=_data(cfg),
-      objective=_objective(cfg, optim.total_steps),
+      objective=_objective(cfg, optim.total_steps, mode),
       optim=optim,
-      train=_train(cfg),
+      train=_train(cfg, mode),
       checkpoint=_positive_ints(cfg, "checkpoint", CheckpointSpec),
       log=_positive_ints(cfg, "log", LogSpec),
       monitor=_monitor(cfg),
-      debug=_debug(cfg))
+      debug=_debug(cfg, mode),
+      stages=_stages(cfg, mode, teacher))
 
 
-def _debug(cfg) -> DebugSpec:
+def _stages(cfg, mode: str, teacher: ModelSpec) -> StagesSpec:
+  s = StagesSpec(**_group(_get(cfg, "stages", ""), StagesSpec, "stages"))
+  _check(s.teacher_steps >= 0, "stages", "teacher_steps", s.teacher_steps, "an integer >= 0 (0: no teacher training)")
+  _check(s.teacher_learning_rate >= 0, "stages", "teacher_learning_rate", s.teacher_learning_rate,
+         "a number >= 0 (0: optim.learning_rate)")
+  if mode == "lm":
+    _check(s.teacher_steps == 0, "stages", "teacher_steps", s.teacher_steps, "0 in mode 'lm' (there is no teacher)")
+    _check(not s.scratch_baseline, "stages", "scratch_baseline", s.scratch_baseline,
+           "False in mode 'lm' (the run is a scratch run already)")
+  if teacher.name_or_path:
+    _check(s.teacher_steps == 0, "stages", "teacher_steps", s.teacher_steps,
+           f"0 when teacher.name_or_path is set ({teacher.name_or_path!r} is trained already)")
+  return s
+
+
+def _debug(cfg, mode: str) -> DebugSpec:
   d = DebugSpec(**_group(_get(cfg, "debug", ""), DebugSpec, "debug"))
-  _check(d.inject_nonfinite in ("",) + COMPONENTS, "debug", "inject_nonfinite", d.inject_nonfinite,
-         f"'' or one of {', '.join(COMPONENTS)}")
+  allowed = ("lm",) if mode == "lm" else COMPONENTS  # only computed components can be drilled
+  _check(d.inject_nonfinite in ("",) + allowed, "debug", "inject_nonfinite", d.inject_nonfinite,
+         f"'' or one of {', '.join(allowed)}")
   _check(d.inject_every >= 0 and (d.inject_every > 0 or not d.inject_nonfinite), "debug", "inject_every",
          d.inject_every, "an integer >= 1 when debug.inject_nonfinite is set")
   return d
@@ -328,14 +368,15 @@ def _data(cfg) -> DataConfig:
   return DataConfig(**_group(_get(cfg, "data", ""), DataConfig, "data"))  # DataConfig checks its own values
 
 
-def _train(cfg) -> TrainSpec:
+def _train(cfg, mode: str) -> TrainSpec:
   t = TrainSpec(**_group(_get(cfg, "train", ""), TrainSpec, "train"))
   _check(t.epochs >= 1, "train", "epochs", t.epochs, "an integer >= 1")
   _check(t.max_steps >= 0, "train", "max_steps", t.max_steps, "an integer >= 0 (0: by epochs)")
   _check(t.eval_every_steps >= 1, "train", "eval_every_steps", t.eval_every_steps, "an integer >= 1")
   _check(t.early_stopping_patience >= 0, "train", "early_stopping_patience", t.early_stopping_patience,
          "an integer >= 0 (0: never)")
-  _check(t.best_metric in EVAL_METRICS, "train", "best_metric", t.best_metric, f"one of {', '.join(EVAL_METRICS)}")
+  allowed = LM_EVAL_METRICS if mode == "lm" else EVAL_METRICS
+  _check(t.best_metric in allowed, "train", "best_metric", t.best_metric, f"one of {', '.join(allowed)}")
   return t
 
 

@@ -25,7 +25,7 @@ from jaxdistill.state import TrainState
 class StepSetup:
   objective: ObjectiveConfig   # already resolve_layers-ed for these models
   student: ModelConfig
-  teacher: ModelConfig
+  teacher: ModelConfig | None  # None: plain LM training (only the `lm` term, no teacher forward)
   optim: OptimConfig
   dynamic_loss_scale: bool = False  # fp16 compute: scale the loss, skip and shrink on overflow
 
@@ -69,7 +69,7 @@ def eval_step(state: TrainState, batch, teacher_params, *, setup: StepSetup):
   """The training objective at the state's step, plus plain metrics, and token counts for reduction.
 
   Plain metrics: student and teacher LM loss and perplexity, KL(teacher || student) at T = 1 over
-  the full vocabulary, and top-1 agreement. `count/tokens` (KD tokens) and `count/label_tokens`
+  the full vocabulary, and top-1 agreement (the student's alone with no teacher). `count/tokens` (KD tokens) and `count/label_tokens`
   (LM targets) let the caller form token-weighted means over a whole split.
   """
   cfg, student, teacher = setup.objective, setup.student, setup.teacher
@@ -79,19 +79,22 @@ def eval_step(state: TrainState, batch, teacher_params, *, setup: StepSetup):
   student_out, _, teacher_out, _ = models_out
   mask_BxL = batch["student_attention_mask"]
   labels_BxL, label_mask_BxL = losses.next_token_labels(batch["student_input_ids"], mask_BxL)
-  vocab = min(student.vocab_size, teacher.vocab_size)
-  student_logits, teacher_logits = student_out.logits_BxLxV[..., :vocab], teacher_out.logits_BxLxV[..., :vocab]
   student_lm = losses.lm_loss(student_out.logits_BxLxV, labels_BxL, label_mask_BxL, chunk_size=cfg.chunk_size)
-  teacher_lm = losses.lm_loss(teacher_out.logits_BxLxV, labels_BxL, label_mask_BxL, chunk_size=cfg.chunk_size)
-  agree_BxL = (jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32)
   mask = mask_BxL.astype(jnp.float32)
   metrics.update({
-      "opt_step": state.opt_step,
-      "student_lm_loss": student_lm, "student_ppl": jnp.exp(student_lm),
+      "opt_step": state.opt_step, "student_lm_loss": student_lm, "student_ppl": jnp.exp(student_lm),
+      "count/tokens": jnp.sum(mask), "count/label_tokens": jnp.sum(label_mask_BxL.astype(jnp.float32)),
+  })
+  if teacher is None:
+    return metrics
+  vocab = min(student.vocab_size, teacher.vocab_size)
+  student_logits, teacher_logits = student_out.logits_BxLxV[..., :vocab], teacher_out.logits_BxLxV[..., :vocab]
+  teacher_lm = losses.lm_loss(teacher_out.logits_BxLxV, labels_BxL, label_mask_BxL, chunk_size=cfg.chunk_size)
+  agree_BxL = (jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32)
+  metrics.update({
       "teacher_lm_loss": teacher_lm, "teacher_ppl": jnp.exp(teacher_lm),
       "kl_t1": losses.kd_loss(student_logits, teacher_logits, mask_BxL, temperature=1.0, chunk_size=cfg.chunk_size),
       "top1_agreement": jnp.sum(agree_BxL * mask) / jnp.maximum(jnp.sum(mask), 1.0),
-      "count/tokens": jnp.sum(mask), "count/label_tokens": jnp.sum(label_mask_BxL.astype(jnp.float32)),
   })
   return metrics
 

@@ -1,10 +1,11 @@
-"""Distill a teacher into a student.
+"""Distill a teacher into a student (or, with `mode='lm'`, train a model by plain LM).
 
     python -m jaxdistill.train --config configs/NAME.py[:smoke] [--config.x.y=v ...] [--workdir DIR] [--resume [PATH]]
 
 A workdir that already has checkpoints resumes from its newest good one; `--resume PATH` resumes
 from a given checkpoint (a step directory or a checkpoints directory). Everything else lives in
-`trainer.train_and_evaluate`.
+`stages.run` (teacher training and scratch baseline, when the config asks for them) and
+`trainer.train_and_evaluate` (one training run).
 """
 
 from jaxdistill import cli
@@ -55,9 +56,9 @@ def main(argv) -> None:
   resume = None if _RESUME.value in (None, LATEST) else _RESUME.value
   if _RESUME.value == LATEST and not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise ConfigError("--resume", LATEST, f"a run with checkpoints: {workdir} has none")
-  from jaxdistill import trainer  # after flag parsing: keeps --help and config errors fast
+  from jaxdistill import stages  # after flag parsing: keeps --help and config errors fast
 
-  trainer.train_and_evaluate(cfg, workdir, resume)
+  stages.run(cfg, workdir, resume)
 
 
 if __name__ == "__main__":

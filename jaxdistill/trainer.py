@@ -79,30 +79,42 @@ def _param_count(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def _summary(cfg, teacher, student, data, setup: StepSetup, total_steps: int, start_step: int) -> str:
-  accumulation = setup.optim.accumulation_steps
-  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * accumulation
-  cur = setup.objective.curriculum
+def _model_line(model) -> str:
+  cfg = model.config
+  return (f"{model.path or 'random ' + cfg.family}  {_param_count(model.params):,} params  {cfg.num_layers} layers  "
+          f"{cfg.param_dtype}/{cfg.dtype}")
+
+
+def _curriculum_rows(cur) -> list[str]:
   phases = ["0"] + [f"{b:.0%}" for b in cur.boundaries]
   rows = []
   for i, start in enumerate(phases):
     weights = "  ".join(f"{name}={cur.values(name)[i]:g}" for name in ("kd", "lm", "attention", "feature", "layerwise",
                                                                      "contrastive"))
     rows.append(f"    phase {i + 1} from {start:>4s}: {weights}  T={cur.temperature[i]:g}")
+  return rows
+
+
+def _summary(cfg, teacher, student, data, setup: StepSetup, total_steps: int, start_step: int) -> str:
+  accumulation = setup.optim.accumulation_steps
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * accumulation
   device = jax.local_devices()[0]
+  loss_scaling = "  (fp16 dynamic loss scaling)" if setup.dynamic_loss_scale else ""
+  if teacher is None:
+    models = [f"  model   : {_model_line(student)}{loss_scaling}"]
+    objective = ["  objective: plain LM cross-entropy (mode 'lm': no teacher)"]
+  else:
+    models = [f"  teacher : {_model_line(teacher)}", f"  student : {_model_line(student)}{loss_scaling}"]
+    objective = ["  curriculum:", *_curriculum_rows(setup.objective.curriculum)]
   return "\n".join([
       "[RUN]",
       f"  devices : {jax.device_count()} x {device.platform} ({device.device_kind})",
-      f"  teacher : {teacher.path or 'random ' + teacher.config.family}  {_param_count(teacher.params):,} params  "
-      f"{teacher.config.num_layers} layers  {teacher.config.param_dtype}/{teacher.config.dtype}",
-      f"  student : {student.path or 'random ' + student.config.family}  {_param_count(student.params):,} params  "
-      f"{student.config.num_layers} layers  {student.config.param_dtype}/{student.config.dtype}"
-      + ("  (fp16 dynamic loss scaling)" if setup.dynamic_loss_scale else ""),
+      *models,
       f"  data    : {data.summary()}",
       f"  steps   : {total_steps:,} optimizer steps x {accumulation} micro-batches of {cfg.data.batch_size} = "
       f"{tokens_per_step:,} tokens per step; {data.batches_per_epoch // accumulation:,} steps per epoch"
       + (f"; resuming at step {start_step:,}" if start_step else ""),
-      "  curriculum:", *rows,
+      *objective,
   ])
 
 
@@ -126,12 +138,15 @@ def _evaluate(eval_step, state, data) -> dict:
 def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None = None) -> dict:
   """Runs the whole job; returns the final evaluation metrics. `resume`: a checkpoint path or None."""
   os.makedirs(workdir, exist_ok=True)
+  distill = cfg.mode == "distill"  # otherwise plain LM training: no teacher at all
   tokenizer = build_tokenizer(cfg)
-  check_teacher_tokenizer(cfg, tokenizer)
+  if distill:
+    check_teacher_tokenizer(cfg, tokenizer)
   data = DataPipeline(cfg.data, tokenizer, cfg.seed, cache_dir=os.path.join(workdir, "data_cache"))
   rng = jax.random.key(cfg.seed)
   teacher_rng, student_rng, heads_rng, state_rng = jax.random.split(rng, 4)
-  teacher = build_model(cfg.teacher, len(tokenizer), teacher_rng, "teacher")
+  teacher = build_model(cfg.teacher, len(tokenizer), teacher_rng, "teacher") if distill else None
+  teacher_config = teacher.config if distill else None
   student = build_model(cfg.student, len(tokenizer), student_rng, "student")
 
   accumulation = cfg.optim.accumulation_steps
@@ -141,11 +156,11 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
                           f"optim.accumulation_steps={accumulation}: lower it or data.batch_size, or add data")
   total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
   optim = dataclasses.replace(cfg.optim, total_steps=total_steps)
-  objective = dataclasses.replace(cfg.objective, total_steps=total_steps).resolve_layers(student.config, teacher.config)
+  objective = dataclasses.replace(cfg.objective, total_steps=total_steps).resolve_layers(student.config, teacher_config)
   fp16 = student.config.dtype == "float16"
-  setup = StepSetup(objective, student.config, teacher.config, optim, dynamic_loss_scale=fp16)
+  setup = StepSetup(objective, student.config, teacher_config, optim, dynamic_loss_scale=fp16)
   tx, _ = make_optimizer(optim)
-  state = create_train_state(student.params, init_heads(objective, student.config, teacher.config, heads_rng),
+  state = create_train_state(student.params, init_heads(objective, student.config, teacher_config, heads_rng),
                              tx, state_rng, FP16_INITIAL_LOSS_SCALE if fp16 else 1.0)
 
   checkpointer = ckpt.Checkpointer(workdir, cfg.checkpoint.keep)
@@ -160,7 +175,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   best_metric = meta.get("best_metric")
   evals_without_improvement = meta.get("evals_without_improvement", 0)
 
-  train_step, eval_step = compile_steps(setup, teacher.params)
+  train_step, eval_step = compile_steps(setup, teacher.params if distill else None)
   micro_step = int(state.step)
   start_opt_step = micro_step // accumulation
   total_micro = total_steps * accumulation
@@ -181,7 +196,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
     result = _evaluate(eval_step, state, data)
     writer.write(step, "eval", result)
     _log(metrics_lib.eval_block(step, result))
-    if step % cfg.log.curriculum_every_steps == 0:
+    if distill and step % cfg.log.curriculum_every_steps == 0:
       _log(metrics_lib.curriculum_block(step, total_steps, "eval", result))
     value = result[cfg.train.best_metric]
     if best_metric is None or value < best_metric:
@@ -227,7 +242,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
             _log(warning)
           if step % cfg.log.debug_every_steps == 0:
             _log(metrics_lib.debug_block(step, record))
-          if step % cfg.log.curriculum_every_steps == 0:
+          if distill and step % cfg.log.curriculum_every_steps == 0:
             _log(metrics_lib.curriculum_block(step, total_steps, "train", record))
 
         # This optimizer step's micro-batches crossed into a new data epoch (grain's epochs, by micro-batch).
@@ -262,8 +277,9 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   _log(monitor.summary())
   export_dir = save_pretrained(state.params["student"], setup.student, os.path.join(workdir, "student_hf"),
                                hf_config=student.hf_config, tokenizer=tokenizer)
+  teacher_ppl = f", teacher {result['teacher_ppl']:.2f}" if distill else ""
   _log(f"[DONE] student exported to {export_dir}\n"
-       f"  held-out perplexity: student {result['student_ppl']:.2f}, teacher {result['teacher_ppl']:.2f}")
+       f"  held-out perplexity: student {result['student_ppl']:.2f}{teacher_ppl}")
   return result
 
 

@@ -80,10 +80,55 @@ def test_missing_config_file():
     ("router.top_k_end", 9, r"'router.top_k_end' = 9 .* an integer in 1..num_experts=4"),
     ("optim.accumulation_steps", 0, r"'optim.accumulation_steps' = 0 .* an integer >= 1"),
     ("optim.learning_rate", "fast", r"'optim.learning_rate' = 'fast' .* cannot be casted to type <class 'float'>"),
+    ("mode", "pretrain", r"'mode' = 'pretrain' is not allowed: one of distill, lm$"),
+    ("stages.teacher_steps", -1, r"'stages.teacher_steps' = -1 .* an integer >= 0 \(0: no teacher training\)"),
+    ("stages.teacher_learning_rate", -1.0, r"'stages.teacher_learning_rate' = -1.0 .* a number >= 0"),
 ])
 def test_bad_values_name_field_value_and_allowed(field, value, message):
   with pytest.raises(ConfigError, match=message):
     config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", {field: value}))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"mode": "lm"}, r"'stages.teacher_steps' = 8 .* 0 in mode 'lm' \(there is no teacher\)"),
+    ({"mode": "lm", "stages.teacher_steps": 0}, r"'stages.scratch_baseline' = True .* False in mode 'lm'"),
+    ({"mode": "lm", "stages.teacher_steps": 0, "stages.scratch_baseline": False, "train.best_metric": "kl_t1"},
+     r"'train.best_metric' = 'kl_t1' .* one of student_lm_loss, loss, raw/lm$"),
+    ({"mode": "lm", "stages.teacher_steps": 0, "stages.scratch_baseline": False, "debug.inject_nonfinite": "kd",
+      "debug.inject_every": 2}, r"'debug.inject_nonfinite' = 'kd' .* '' or one of lm$"),
+    ({"teacher.name_or_path": "HuggingFaceTB/SmolLM-360M"},
+     r"'stages.teacher_steps' = 8 .* 0 when teacher.name_or_path is set \('HuggingFaceTB/SmolLM-360M' is trained"),
+])
+def test_stages_and_mode_must_agree(overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", overrides))
+
+
+def test_lm_mode_weighs_only_the_lm_term():
+  cfg = config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", {
+      "mode": "lm", "stages.teacher_steps": 0, "stages.scratch_baseline": False}))
+  curriculum = cfg.objective.curriculum
+  assert curriculum.lm == (1.0, 1.0, 1.0) and curriculum.kd == (0.0, 0.0, 0.0)
+  assert [c for c in ("kd", "lm", "attention", "layerwise", "contrastive", "routing_feature",
+                      "routing_load_balance", "routing_attention_alignment") if cfg.objective.enabled(c)] == ["lm"]
+  assert not cfg.objective.needs_teacher and not cfg.objective.needs_heads
+
+
+def test_the_teacher_cache_key_follows_what_the_weights_depend_on(tmp_path):
+  from jaxdistill import stages
+
+  def directory(**overrides):
+    return stages.teacher_dir(config_lib.parse(config_lib.load(
+        "configs/cpu_demo.py:smoke", {"stages.teacher_cache": str(tmp_path), **overrides})))
+
+  base = directory()
+  assert base.startswith(str(tmp_path / "llama-64x2-"))
+  # The distillation's own settings do not touch the teacher: the same cached teacher.
+  assert directory(**{"curriculum.kd": (0.5, 0.5, 0.5), "train.max_steps": 99, "student.arch.hidden_size": 64}) == base
+  # Its architecture, data, seed, steps and optimizer do.
+  for override in ({"teacher.arch.num_layers": 3}, {"data.seq_len": 64}, {"seed": 1}, {"stages.teacher_steps": 9},
+                   {"stages.teacher_learning_rate": 1e-3}, {"optim.warmup_steps": 7}):
+    assert directory(**override) != base, override
 
 
 def test_random_student_needs_a_tokenizer():

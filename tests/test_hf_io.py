@@ -191,7 +191,8 @@ def test_a_teacher_with_another_tokenizer_is_refused(hf_checkpoints, tmp_path):
   teacher_dir = shutil.copytree(hf_checkpoints["llama_gqa_untied"][0], str(tmp_path / "teacher"))
   other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, "[UNK]")))
   other.save_pretrained(teacher_dir)
-  cfg = config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", {"teacher.name_or_path": teacher_dir}))
+  cfg = config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", {"teacher.name_or_path": teacher_dir,
+                                                                         "stages.teacher_steps": 0}))
   with pytest.raises(ModelLoadError, match=r"teacher's tokenizer \(3 tokens\) differs from the run's \(257 tokens\)"):
     check_teacher_tokenizer(cfg, byte_tokenizer())
   byte_tokenizer().save_pretrained(teacher_dir)  # the same vocabulary: accepted

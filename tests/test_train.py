@@ -13,15 +13,19 @@ from jaxdistill.metrics import read_records
 from jaxdistill.objective import COMPONENTS
 
 SMOKE = "configs/cpu_demo.py:smoke"
+# The demo's distillation stage alone: no teacher training before it, no scratch baseline after it.
+DISTILL_ONLY = ["--config.stages.teacher_steps=0", "--config.stages.scratch_baseline=False"]
 # A longer smoke run for interruption tests: 40 optimizer steps, checkpoints every 5.
-LONG = ["--config.train.max_steps=40", "--config.log.tensorboard=False", "--config.checkpoint.every_steps=5", "--config.train.eval_every_steps=20",
+LONG = [*DISTILL_ONLY, "--config.train.max_steps=40", "--config.log.tensorboard=False", "--config.checkpoint.every_steps=5", "--config.train.eval_every_steps=20",
         "--config.log.debug_every_steps=20", "--config.log.curriculum_every_steps=20", "--config.log.every_steps=5"]
 
 
 @pytest.fixture(scope="session")
-def env():
-  """Subprocess environment: offline, CPU, and conftest's persistent compilation cache."""
-  return {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+def env(tmp_path_factory):
+  """Subprocess environment: offline, CPU, conftest's persistent compilation cache, a private user cache
+  (where the demo keeps its trained teachers)."""
+  return {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
+          "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("user_cache"))}
 
 
 def _command(workdir, *args, config=SMOKE):
@@ -60,18 +64,64 @@ def smoke_run(env, tmp_path_factory):
   return workdir, result
 
 
+def _stages(stdout: str) -> tuple[str, str, str]:
+  """The demo's output split into its teacher, distillation and scratch-baseline runs."""
+  teacher, rest = stdout.split("\n[RUN]", 1)[1].split("\n[RUN]", 1)
+  distill, scratch = rest.split("[BASELINE]", 1)
+  return teacher, distill, scratch
+
+
 def test_run_prints_the_blocks_users_read(smoke_run):
   _, result = smoke_run
-  out = result.stdout
-  assert out.startswith("[RUN]") and "12 optimizer steps x 2 micro-batches of 4 = 256 tokens per step" in out
+  assert result.stdout.startswith("[TEACHER] training the teacher by plain LM for 8 steps in ")
+  teacher, out, scratch = _stages(result.stdout)
+  assert "8 optimizer steps" in teacher and "objective: plain LM cross-entropy (mode 'lm': no teacher)" in teacher
+  assert "  model   : random llama " in teacher and "  teacher : " not in teacher
+  assert "[CURRICULUM]" not in teacher and "[CURRICULUM]" not in scratch  # plain LM has no curriculum
+  assert "12 optimizer steps x 2 micro-batches of 4 = 256 tokens per step" in out
+  # The distillation loads the trained teacher from the user cache, as a Hugging Face checkpoint.
+  teacher_line = next(l for l in out.splitlines() if l.startswith("  teacher : "))
+  assert "/jaxdistill/teachers/llama-64x2-" in teacher_line and teacher_line.split()[2].endswith("/student_hf")
   assert "phase 2 from  30%: kd=0.7  lm=0.3  attention=0.1  feature=0.1" in out
   for block in ("[TRAIN DEBUG] step 5", "[CURRICULUM] train step 5/12", "[EVAL] step 5:",
                 "[CURRICULUM] eval step 5/12", "[TRAIN DEBUG] step 10", "[EVAL] step 12:", "[MONITOR] no warnings",
                 "[DONE] student exported to"):
     assert block in out, block
-  assert out.count("(match)") == 2 and "MISMATCH" not in out
+  assert out.count("(match)") == 2 and "MISMATCH" not in result.stdout
+  assert "  model   : random llama " in scratch and "12 optimizer steps" in scratch
+  assert "[COMPARISON] held-out perplexity" in scratch and "| distilled student |" in scratch
+  assert result.stdout.rstrip().splitlines()[-1].startswith("[PLOT] ")
   assert "step/s" in result.stderr or "s/step" in result.stderr  # the tqdm bar
   assert "Traceback" not in result.stderr and "TF_CPP" not in result.stderr
+
+
+def test_the_demo_compares_teacher_scratch_and_distilled_on_the_same_held_out_tokens(smoke_run):
+  import json
+
+  workdir, _ = smoke_run
+  with open(os.path.join(workdir, "comparison.json")) as f:
+    comparison = json.load(f)
+  distilled = [r for r in read_records(os.path.join(workdir, "metrics.jsonl"))]
+  scratch = [r for r in read_records(os.path.join(workdir, "scratch", "metrics.jsonl"))]
+  last_eval = [r for r in distilled if r["split"] == "eval"][-1]
+  scratch_eval = [r for r in scratch if r["split"] == "eval"][-1]
+  assert comparison["distilled_ppl"] == pytest.approx(last_eval["student_ppl"])
+  assert comparison["teacher_ppl"] == pytest.approx(last_eval["teacher_ppl"])
+  assert comparison["scratch_ppl"] == pytest.approx(scratch_eval["student_ppl"])
+  assert comparison["eval_tokens"] == last_eval["count/tokens"] == scratch_eval["count/tokens"] == 256
+  assert comparison["steps"] == 12 and comparison["train_tokens"] == 12 * 256
+  gap = (comparison["scratch_ppl"] - comparison["distilled_ppl"]) / (comparison["scratch_ppl"] -
+                                                                     comparison["teacher_ppl"])
+  assert comparison["gap_closed"] == pytest.approx(gap)
+  # Same initial weights and first batch: the first step's lm term is the same in both runs.
+  first_distilled = next(r for r in distilled if r["split"] == "train" and r["step"] == 1)
+  first_scratch = next(r for r in scratch if r["split"] == "train" and r["step"] == 1)
+  assert first_scratch["raw/lm"] == pytest.approx(first_distilled["raw/lm"], rel=1e-6)
+  assert first_scratch["weight/kd"] == 0.0 and first_scratch["weight/lm"] == 1.0
+  with open(os.path.join(workdir, "comparison.md")) as f:
+    assert f.read().startswith("| model | held-out perplexity |")
+  with open(os.path.join(workdir, "curves.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_metrics_jsonl_records_weights_components_and_their_sum(smoke_run):
@@ -127,8 +177,9 @@ def test_starting_a_finished_run_again_only_evaluates_and_exports(env, smoke_run
   workdir = shutil.copytree(smoke_run[0], tmp_path / "again")
   result = _run(env, workdir)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "resuming at step 12" in result.stdout and "[TRAIN DEBUG]" not in result.stdout
-  assert "[EVAL] step 12:" in result.stdout and "[DONE]" in result.stdout
+  assert result.stdout.startswith("[TEACHER] reusing the teacher trained for 8 steps in ")  # from the cache
+  assert result.stdout.count("resuming at step 12") == 2 and "[TRAIN DEBUG]" not in result.stdout
+  assert result.stdout.count("[EVAL] step 12:") == 2 and "[COMPARISON]" in result.stdout
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(env, tmp_path):
@@ -166,7 +217,8 @@ def test_sigterm_writes_an_emergency_checkpoint_and_resume_continues_there(env, 
 
 
 def test_injected_nonfinite_batches_are_counted_and_the_monitor_warns(env, tmp_path):
-  result = _run(env, tmp_path, "--config.debug.inject_nonfinite=contrastive", "--config.debug.inject_every=6")
+  result = _run(env, tmp_path, *DISTILL_ONLY, "--config.debug.inject_nonfinite=contrastive",
+                "--config.debug.inject_every=6")
   assert result.returncode == 0, result.stderr[-3000:]
   # Micro-batches 0, 6, 12, 18 of 24 are poisoned: 4 / 24 = 17% > 1%.
   assert "[MONITOR] contrastive was non-finite in 1 of 2 batches" in result.stdout

@@ -1,0 +1,207 @@
+"""Next-token rules by hand, `sampling.generate` against a step-by-step reference, and the generate CLI."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdistill import models, sampling
+from jaxdistill.errors import ConfigError
+from jaxdistill.generate import Completion, SamplingSettings, encode_prompts
+from jaxdistill.tokenizer import byte_tokenizer
+
+TOKENIZER = byte_tokenizer()  # 257 tokens, eos = pad = 256
+EOS = TOKENIZER.eos_token_id
+CFG = models.ModelConfig(family="llama", vocab_size=len(TOKENIZER), hidden_size=32, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=32)
+PROMPT_TEXTS = ["def ", "import"]
+PROMPTS = [list(text.encode()) for text in PROMPT_TEXTS]  # byte ids; left-padded to P = 6
+NEW = 8
+# Probabilities 0.5, 0.3, 0.15, 0.05; the second row holds them in the opposite order.
+PROBS_V = np.array([0.5, 0.3, 0.15, 0.05])
+LOGITS_BxV = np.log(np.stack([PROBS_V, PROBS_V[::-1]])).astype(np.float32)
+DRAWS = 4000
+
+
+@pytest.fixture(scope="module")
+def flat_params():
+  """The plain normal(0.02) init: next-token distributions close to uniform over the 257 tokens."""
+  return models.init_params(CFG, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def peaked_params(flat_params):
+  """The same weights scaled up 5x: greedy picks win by logit gaps far above float error."""
+  return jax.tree.map(lambda x: 5 * x, flat_params)
+
+
+@pytest.fixture(scope="module")
+def batch():
+  return sampling.left_pad(PROMPTS, pad_id=0)
+
+
+@pytest.fixture(scope="module")
+def greedy_ids(peaked_params, batch):
+  new_ids_BxN, lengths_B = sampling.generate(peaked_params, CFG, *batch, jax.random.key(0), max_new_tokens=NEW,
+                                             temperature=0.0)
+  np.testing.assert_array_equal(lengths_B, [NEW, NEW])  # no eos_id: rows never finish early
+  return np.asarray(new_ids_BxN)
+
+
+def _draws(logits_BxV, temperature, top_p=1.0, top_k=0):
+  """`next_token` for DRAWS different keys -> ids [DRAWS, B]."""
+  keys = jax.random.split(jax.random.key(1), DRAWS)
+  return np.asarray(jax.vmap(lambda key: sampling.next_token(logits_BxV, key, temperature, top_p, top_k))(keys))
+
+
+def _frequencies(ids_DxB, row, vocab=4):
+  return np.bincount(ids_DxB[:, row], minlength=vocab) / len(ids_DxB)
+
+
+def test_left_pad_puts_every_prompt_at_the_end():
+  ids_BxP, mask_BxP = sampling.left_pad([[7], [1, 2, 3]], pad_id=9)
+  np.testing.assert_array_equal(ids_BxP, [[9, 9, 7], [1, 2, 3]])
+  np.testing.assert_array_equal(mask_BxP, [[0, 0, 1], [1, 1, 1]])
+  with pytest.raises(ValueError, match="at least one token"):
+    sampling.left_pad([[1], []], pad_id=0)
+
+
+def test_allowed_tokens_by_hand():
+  def allowed(top_p, top_k):
+    return np.asarray(sampling.allowed_tokens(LOGITS_BxV, top_p, top_k))
+
+  # Mass above each rank: 0, 0.5, 0.8, 0.95.
+  np.testing.assert_array_equal(allowed(1.0, 0), np.ones((2, 4), bool))
+  np.testing.assert_array_equal(allowed(0.4, 0), [[1, 0, 0, 0], [0, 0, 0, 1]])  # always the top token
+  np.testing.assert_array_equal(allowed(0.75, 0), [[1, 1, 0, 0], [0, 0, 1, 1]])
+  np.testing.assert_array_equal(allowed(0.9, 0), [[1, 1, 1, 0], [0, 1, 1, 1]])
+  np.testing.assert_array_equal(allowed(1.0, 2), [[1, 1, 0, 0], [0, 0, 1, 1]])
+  np.testing.assert_array_equal(allowed(0.9, 1), [[1, 0, 0, 0], [0, 0, 0, 1]])  # the tighter filter wins
+  np.testing.assert_array_equal(allowed(0.4, 3), [[1, 0, 0, 0], [0, 0, 0, 1]])
+
+
+def test_next_token_greedy_and_top_k_1_are_the_argmax():
+  np.testing.assert_array_equal(sampling.next_token(LOGITS_BxV, jax.random.key(0), 0.0), [0, 3])
+  np.testing.assert_array_equal(_draws(LOGITS_BxV, 0.0), np.tile([0, 3], (DRAWS, 1)))
+  np.testing.assert_array_equal(_draws(LOGITS_BxV, 1.0, top_k=1), np.tile([0, 3], (DRAWS, 1)))
+
+
+def test_next_token_nucleus_renormalises_over_the_top_two():
+  ids_DxB = _draws(LOGITS_BxV, 1.0, top_p=0.75)  # covers 0.5 + 0.3 and not the third token
+  expected_V = np.array([0.5, 0.3, 0, 0]) / 0.8  # 0.625, 0.375: both drawn, nothing else ever
+  np.testing.assert_array_equal(_frequencies(ids_DxB, 0) == 0, expected_V == 0)
+  np.testing.assert_array_equal(_frequencies(ids_DxB, 1) == 0, expected_V[::-1] == 0)
+  # One binomial standard deviation here is sqrt(0.625 * 0.375 / 4000) < 0.008.
+  np.testing.assert_allclose(_frequencies(ids_DxB, 0), expected_V, atol=0.04)
+  np.testing.assert_allclose(_frequencies(ids_DxB, 1), expected_V[::-1], atol=0.04)
+
+
+def test_next_token_temperature_sharpens_the_distribution():
+  np.testing.assert_allclose(_frequencies(_draws(LOGITS_BxV, 1.0), 0), PROBS_V, atol=0.04)
+  sharpened_V = PROBS_V ** 2 / np.sum(PROBS_V ** 2)  # T = 0.5: p^(1/T), renormalised: 0.685, 0.247, ...
+  np.testing.assert_allclose(_frequencies(_draws(LOGITS_BxV, 0.5), 0), sharpened_V, atol=0.04)
+
+
+def test_greedy_is_deterministic(peaked_params, batch, greedy_ids):
+  again, _ = sampling.generate(peaked_params, CFG, *batch, jax.random.key(123), max_new_tokens=NEW,
+                               temperature=0.0)
+  np.testing.assert_array_equal(again, greedy_ids)
+
+
+def test_greedy_matches_a_step_by_step_reference(peaked_params, greedy_ids):
+  """Each prompt alone, unpadded at the front, one forward per new token, argmax of the last real position.
+
+  The growing sequence sits at the start of a fixed 16-column row whose trailing columns are masked
+  padding, so `forward` compiles once instead of once per length.
+  """
+  width = 16
+  for row, prompt in enumerate(PROMPTS):
+    tokens = list(prompt)
+    for _ in range(NEW):
+      ids_1xW = np.zeros((1, width), np.int32)
+      ids_1xW[0, :len(tokens)] = tokens
+      mask_1xW = (np.arange(width) < len(tokens)).astype(np.int32)[None]
+      logits_1xWxV = models.forward(peaked_params, CFG, ids_1xW, mask_1xW).logits_BxLxV
+      tokens.append(int(np.argmax(logits_1xWxV[0, len(tokens) - 1])))
+    np.testing.assert_array_equal(greedy_ids[row], tokens[len(prompt):])
+  assert len(set(greedy_ids.ravel().tolist())) > 4  # the model does not just repeat one token
+
+
+def test_eos_finishes_a_row(peaked_params, batch, greedy_ids):
+  eos_id = int(greedy_ids[0, 2])
+  new_ids_BxN, lengths_B = sampling.generate(peaked_params, CFG, *batch, jax.random.key(0), max_new_tokens=NEW,
+                                             temperature=0.0, eos_id=eos_id)
+  for row in range(2):
+    hits = np.flatnonzero(greedy_ids[row] == eos_id)
+    length = int(hits[0]) + 1 if hits.size else NEW
+    expected_N = np.where(np.arange(NEW) < length, greedy_ids[row], eos_id)
+    np.testing.assert_array_equal(new_ids_BxN[row], expected_N)
+    assert lengths_B[row] == length
+  assert lengths_B[0] <= 3 and new_ids_BxN[0, -1] == eos_id
+
+
+def test_sampling_is_reproducible_and_depends_on_the_key(flat_params, batch):
+  def sample(seed, temperature=1.0, top_p=0.95, top_k=50):
+    new_ids_BxN, _ = sampling.generate(flat_params, CFG, *batch, jax.random.key(seed), max_new_tokens=NEW,
+                                       temperature=temperature, top_p=top_p, top_k=top_k)
+    return np.asarray(new_ids_BxN)
+
+  first = sample(0)
+  np.testing.assert_array_equal(sample(0), first)
+  # Near-uniform over ~50 tokens: two keys agree on all 16 tokens with probability ~50^-16.
+  assert np.any(sample(1) != first)
+  assert first.min() >= 0 and first.max() < CFG.vocab_size and len(set(first.ravel().tolist())) > 4
+  compiled = sampling._generate._cache_size()
+  sample(2, temperature=0.7, top_p=0.5, top_k=0)  # sampling settings are traced: no recompilation
+  assert sampling._generate._cache_size() == compiled
+
+
+def test_too_many_new_tokens_is_a_config_error(flat_params, batch):
+  with pytest.raises(ConfigError, match="at most 26 after a prompt of 6 tokens") as error:
+    sampling.generate(flat_params, CFG, *batch, jax.random.key(0), max_new_tokens=27, temperature=0.0)
+  assert error.value.field == "--max_new_tokens"
+
+
+def test_sampling_settings_validate_and_describe():
+  assert SamplingSettings().describe() == "greedy"
+  assert SamplingSettings(temperature=0.8, top_p=0.9).describe() == "temperature 0.8, top_p 0.9"
+  assert SamplingSettings(temperature=1.0, top_k=40).describe() == "temperature 1, top_k 40"
+  for field, value in [("max_new_tokens", 0), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5),
+                       ("top_k", -1), ("num_samples", 0)]:
+    with pytest.raises(ConfigError) as error:
+      SamplingSettings(**{field: value}).check()
+    assert error.value.field == f"--{field}"
+  sampled = SamplingSettings(temperature=0.8, top_p=0.9)
+  assert Completion(1, 2, "", 0).header(sampled) == "--- prompt 2, sample 3 (temperature 0.8, top_p 0.9) ---"
+
+
+def test_prompts_are_encoded_without_special_tokens_and_empty_ones_start_at_bos():
+  assert encode_prompts(TOKENIZER, ["hi", ""]) == [[104, 105], [256]]
+
+
+def _cli(*args):
+  env = {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "jaxdistill.generate", *args], capture_output=True, text=True,
+                        env=env, timeout=120)
+
+
+def test_cli_prints_the_greedy_completions_of_a_run_workdir(peaked_params, greedy_ids, tmp_path):
+  """Same model, prompts and length as `greedy_ids`: the CLI must print exactly those tokens, decoded."""
+  models.save_pretrained(peaked_params, CFG, str(tmp_path / "run" / "student_hf"), tokenizer=TOKENIZER)
+  result = _cli("--model", str(tmp_path / "run"), "--prompt", PROMPT_TEXTS[0], "--prompt", PROMPT_TEXTS[1],
+                "--max_new_tokens", str(NEW))
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  expected = []
+  for index, (prompt, new_ids) in enumerate(zip(PROMPTS, greedy_ids.tolist())):
+    completion = new_ids[:new_ids.index(EOS)] if EOS in new_ids else new_ids  # eos ends it, unprinted
+    expected += [f"--- prompt {index + 1}, sample 1 (greedy) ---", TOKENIZER.decode(prompt + completion)]
+  assert result.stdout == "\n".join(expected) + "\n"
+  assert result.stdout.startswith("--- prompt 1, sample 1 (greedy) ---\ndef ")
+
+  bad = _cli("--model", str(tmp_path / "run"), "--prompt", "def ", "--top_p", "0")
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines() == ["error: config field '--top_p' = 0.0 is not allowed: a value in (0, 1]"]
