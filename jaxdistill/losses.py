@@ -23,7 +23,7 @@ def masked_mean(value_BxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(mask, value_BxL, 0.0)) / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
 
 
-def _token_chunks(per_token: Callable, arrays: tuple[jax.Array, ...], chunk_size: int | None) -> jax.Array:
+def token_chunks(per_token: Callable, arrays: tuple[jax.Array, ...], chunk_size: int | None) -> jax.Array:
   """Applies `per_token` (arrays [N, ...] -> values [N]) chunk by chunk over the flattened tokens.
 
   Returns the values for all B*L tokens, shaped [B, L]. Each chunk is wrapped in `jax.checkpoint`,
@@ -114,7 +114,7 @@ def kd_loss(student_logits_BxLxV: jax.Array, teacher_logits_BxLxV: jax.Array, ma
       log_p, log_q = _topk_log_probs(log_p, log_q, top_k, topk_tail)
     return _divergence(log_p, log_q, mode, jsd_beta)
 
-  per_token_BxL = _token_chunks(per_token, (student_logits_BxLxV, teacher_logits_BxLxV), chunk_size)
+  per_token_BxL = token_chunks(per_token, (student_logits_BxLxV, teacher_logits_BxLxV), chunk_size)
   return temperature ** 2 * masked_mean(per_token_BxL, mask_BxL)
 
 
@@ -135,7 +135,7 @@ def lm_loss(logits_BxLxV: jax.Array, labels_BxL: jax.Array, mask_BxL: jax.Array,
       nll = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_q, axis=-1)
     return nll
 
-  per_token_BxL = _token_chunks(per_token, (logits_BxLxV, labels_BxL), chunk_size)
+  per_token_BxL = token_chunks(per_token, (logits_BxLxV, labels_BxL), chunk_size)
   return masked_mean(per_token_BxL, valid_BxL)
 
 

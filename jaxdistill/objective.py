@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import dtypes
 
-from jaxdistill import curriculum, losses, router
+from jaxdistill import cross_vocab, curriculum, losses, router
 from jaxdistill.curriculum import CurriculumConfig
 from jaxdistill.router import RouterConfig
 from jaxdistill.models import ModelConfig, forward
@@ -35,6 +35,7 @@ class ObjectiveConfig:
   kd_top_k: int = 0                          # 0: full vocabulary
   kd_topk_tail: str = "renormalize"          # losses.TOPK_TAILS
   chunk_size: int = 512                      # tokens per float32 chunk in kd/lm; 0: no chunking
+  uld_top_k: int = 128                       # ranks of the vocabulary-free term of cross-vocabulary kd
   label_smoothing: float = 0.0
   attention_pairs: tuple[tuple[int, int], ...] = ()  # (student block, teacher block); () = last blocks
   layer_map: tuple[tuple[int, int], ...] = ()        # hidden_states indices; () = uniform
@@ -190,29 +191,55 @@ def run_models(student_params, teacher_params, batch, cfg: ObjectiveConfig, stud
   return student_out, student_maps, teacher_out, dict(zip(teacher_attn, teacher_out.attentions))
 
 
+def _alignment(batch):
+  """(student positions -> aligned, teacher positions -> aligned, attention maps of each -> aligned, pair mask).
+
+  A batch from two tokenizers carries `align_student`, `align_teacher` and `align_mask` [B, A]: pair a
+  is a student and a teacher position after which both models have read exactly the same text. With
+  one tokenizer every position is its own pair and these are identities.
+  """
+  if "align_mask" not in batch:
+    same = lambda x: x  # noqa: E731
+    return same, same, same, same, batch["student_attention_mask"]
+  s_pos, t_pos, pairs = batch["align_student"], batch["align_teacher"], batch["align_mask"]
+  return (lambda x: cross_vocab.gather_positions(x, s_pos), lambda x: cross_vocab.gather_positions(x, t_pos),
+          lambda m: cross_vocab.aligned_attention(m, s_pos, pairs), lambda m: cross_vocab.aligned_attention(m, t_pos, pairs),
+          pairs)
+
+
 def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: ObjectiveConfig, student: ModelConfig,
-              teacher: ModelConfig | None, models_out=None):
+              teacher: ModelConfig | None, models_out=None, vocab_map: cross_vocab.VocabMap | None = None):
   """Total loss and metrics at optimizer step `opt_step`.
 
   Args:
     trainable: {'student': student params, 'heads': DistillHeads params}.
     teacher_params: the teacher's params (no gradient flows into them); None with no teacher.
-    batch: student_/teacher_ input_ids and attention_mask [B, L] (same tokenizer: aligned
-      positions), and optionally `inject_nonfinite` [len(COMPONENTS)], added to the raw component
-      values (0 normally; NaN/Inf to drill the guard and the run monitor).
+    batch: student_/teacher_ input_ids and attention_mask ([B, Ls], [B, Lt]); with two tokenizers
+      also `align_student`, `align_teacher`, `align_mask` [B, A] (see `_alignment`): every
+      teacher-student comparison is then made on aligned pairs only. Optionally `inject_nonfinite`
+      [len(COMPONENTS)], added to the raw component values (0 normally; NaN/Inf to drill the guard
+      and the run monitor).
     opt_step: int32 optimizer step; drives the curriculum and the router schedules.
     cfg, student, teacher: static configs (cfg already `resolve_layers`-ed); teacher None for
       plain LM training, where only `lm` may be enabled.
     models_out: precomputed `run_models` output (eval reuses it for its plain metrics).
+    vocab_map: the shared tokens of two vocabularies (`cross_vocab.VocabMap`); required with an
+      alignment, where kd is `cross_vocab.cross_vocab_kd_loss`.
   """
   if models_out is None:
     models_out = run_models(trainable["student"], teacher_params, batch, cfg, student, teacher)
   student_out, student_maps, teacher_out, teacher_maps = models_out
   mask_BxL = batch["student_attention_mask"]
+  at_student, at_teacher, student_attention, teacher_attention, pairs_BxA = _alignment(batch)
+  aligned = "align_mask" in batch
   inject = batch.get("inject_nonfinite", jnp.zeros(len(COMPONENTS), jnp.float32))
   weights = component_weights(opt_step, cfg)
   kd_temperature = curriculum.temperature(opt_step, cfg.total_steps, cfg.curriculum)
   top_k, gate_temperature = router.schedule(curriculum.progress(opt_step, cfg.total_steps), cfg.router)
+  def kd_cross(student_logits, teacher_logits, mask, teacher_ids, student_ids, temperature):
+    return cross_vocab.cross_vocab_kd_loss(student_logits, teacher_logits, mask, teacher_ids, student_ids,
+                                           temperature=temperature, uld_top_k=cfg.uld_top_k, chunk_size=cfg.chunk_size)
+
   def kd(student_logits, teacher_logits, mask, temperature):
     vocab = min(student.vocab_size, teacher.vocab_size)
     return losses.kd_loss(student_logits[..., :vocab], teacher_logits[..., :vocab], mask, temperature=temperature,
@@ -226,14 +253,17 @@ def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: Object
 
   # component -> (function closing over static values only, its array inputs).
   terms = {}
-  if cfg.enabled("kd"):
+  if cfg.enabled("kd") and aligned:
+    terms["kd"] = (kd_cross, (at_student(student_out.logits_BxLxV), at_teacher(teacher_out.logits_BxLxV), pairs_BxA,
+                              vocab_map.teacher_ids_M, vocab_map.student_ids_M, kd_temperature))
+  elif cfg.enabled("kd"):
     terms["kd"] = (kd, (student_out.logits_BxLxV, teacher_out.logits_BxLxV, mask_BxL, kd_temperature))
   if cfg.enabled("lm"):
     terms["lm"] = (lm, (student_out.logits_BxLxV, batch["student_input_ids"], mask_BxL))
   if cfg.enabled("attention"):
     terms["attention"] = (losses.attention_loss, (
-        [student_maps[s] for s, _ in cfg.attention_pairs], [teacher_maps[t] for _, t in cfg.attention_pairs],
-        mask_BxL))
+        [student_attention(student_maps[s]) for s, _ in cfg.attention_pairs],
+        [teacher_attention(teacher_maps[t]) for _, t in cfg.attention_pairs], pairs_BxA))
   heads_out = None
   if student_out.hidden_states is not None:
     pooled = losses.masked_mean_pool(student_out.hidden_states[-1], mask_BxL)
@@ -242,14 +272,16 @@ def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: Object
   if cfg.enabled("layerwise"):
     terms["layerwise"] = (
         lambda p, t, m: losses.layerwise_loss(p, t, m, cfg.hidden_distance),
-        (heads_out["layerwise"], [teacher_out.hidden_states[t] for _, t in cfg.layer_map], mask_BxL))
+        ([at_student(p) for p in heads_out["layerwise"]], [at_teacher(teacher_out.hidden_states[t])
+                                                           for _, t in cfg.layer_map], pairs_BxA))
   if cfg.enabled("contrastive"):
     teacher_pooled = losses.masked_mean_pool(teacher_out.hidden_states[-1], batch["teacher_attention_mask"])
     terms["contrastive"] = (
         lambda s, t, valid: losses.contrastive_loss(s, t, temperature=cfg.contrastive_temperature, valid_B=valid),
         (heads_out["contrastive"], teacher_pooled, jnp.any(mask_BxL > 0, axis=1)))
   if cfg.enabled("routing_feature"):
-    experts = router.normalized_experts([teacher_out.hidden_states[e] for e in cfg.expert_layers])
+    experts = router.normalized_experts([at_teacher(teacher_out.hidden_states[e]) for e in cfg.expert_layers])
+    gate_logits, routed = at_student(heads_out["gate_logits"]), at_student(heads_out["routed"])
 
     def routing_feature(gate_logits, routed, mask, experts, top_k, temperature):
       return router.feature_loss(routed, router.gates(gate_logits, top_k, temperature), experts, mask)
@@ -257,17 +289,16 @@ def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: Object
     def routing_balance(gate_logits, mask, top_k, temperature):
       return router.load_balance_loss(gate_logits, router.gates(gate_logits, top_k, temperature), temperature, mask)
 
-    terms["routing_feature"] = (routing_feature, (heads_out["gate_logits"], heads_out["routed"], mask_BxL, experts,
-                                                  top_k, gate_temperature))
-    terms["routing_load_balance"] = (routing_balance, (heads_out["gate_logits"], mask_BxL, top_k, gate_temperature))
+    terms["routing_feature"] = (routing_feature, (gate_logits, routed, pairs_BxA, experts, top_k, gate_temperature))
+    terms["routing_load_balance"] = (routing_balance, (gate_logits, pairs_BxA, top_k, gate_temperature))
   if cfg.enabled("routing_attention_alignment"):
     def routing_alignment(gate_logits, student_map, expert_maps, mask, top_k, temperature):
       return router.attention_alignment_loss(student_map, expert_maps, router.gates(gate_logits, top_k, temperature),
                                              mask)
 
     terms["routing_attention_alignment"] = (routing_alignment, (
-        heads_out["gate_logits"], student_maps[student.num_layers - 1],
-        [teacher_maps[e - 1] for e in cfg.expert_layers], mask_BxL, top_k, gate_temperature))
+        at_student(heads_out["gate_logits"]), student_attention(student_maps[student.num_layers - 1]),
+        [teacher_attention(teacher_maps[e - 1]) for e in cfg.expert_layers], pairs_BxA, top_k, gate_temperature))
 
   metrics, total = {}, jnp.zeros((), jnp.float32)
   for index, component in enumerate(COMPONENTS):

@@ -15,7 +15,7 @@ from jaxdistill.curriculum import problem as curriculum_problem
 from jaxdistill.data.pipeline import DataConfig
 from jaxdistill.errors import ConfigError
 from jaxdistill.losses import HIDDEN_DISTANCES, KD_MODES, TOPK_TAILS
-from jaxdistill.models.config import DTYPES, SUPPORTED_FAMILIES, ModelConfig, RopeConfig
+from jaxdistill.models.config import DTYPES, MOE_FAMILIES, SUPPORTED_FAMILIES, ModelConfig, RopeConfig
 from jaxdistill.monitor import MonitorConfig
 from jaxdistill.objective import COMPONENTS, ObjectiveConfig
 from jaxdistill.optim import OptimConfig
@@ -173,7 +173,8 @@ def _positive_int(node, field: str, where: str, minimum: int = 1) -> int:
 
 
 def _arch(node, where: str) -> ArchSpec:
-  family = _choice(node, "family", where, SUPPORTED_FAMILIES)
+  # Random mixture-of-experts models are not sized here (no expert fields): they load from checkpoints.
+  family = _choice(node, "family", where, tuple(f for f in SUPPORTED_FAMILIES if f not in MOE_FAMILIES))
   spec = ArchSpec(
       family=family,
       vocab_size=_positive_int(node, "vocab_size", where, minimum=0),

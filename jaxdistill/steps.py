@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import jmp
 import optax
 
-from jaxdistill import losses
+from jaxdistill import cross_vocab, losses
 from jaxdistill.models import ModelConfig
 from jaxdistill.objective import COMPONENTS, ObjectiveConfig, objective, run_models
 from jaxdistill.optim import OptimConfig, make_optimizer
@@ -30,7 +30,7 @@ class StepSetup:
   dynamic_loss_scale: bool = False  # fp16 compute: scale the loss, skip and shrink on overflow
 
 
-def train_step(state: TrainState, batch, teacher_params, *, setup: StepSetup):
+def train_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup: StepSetup):
   """One micro-batch: gradients of the guarded objective, accumulated; an update every k calls.
 
   Non-finite gradients (after unscaling) leave params and optimizer state untouched and count in
@@ -43,7 +43,7 @@ def train_step(state: TrainState, batch, teacher_params, *, setup: StepSetup):
 
   def loss_fn(trainable):
     total, metrics = objective(trainable, teacher_params, batch, opt_step, setup.objective, setup.student,
-                               setup.teacher)
+                               setup.teacher, vocab_map=vocab_map)
     return scaler.scale(total), metrics
 
   grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -65,17 +65,19 @@ def train_step(state: TrainState, batch, teacher_params, *, setup: StepSetup):
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch, teacher_params, *, setup: StepSetup):
+def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup: StepSetup):
   """The training objective at the state's step, plus plain metrics, and token counts for reduction.
 
   Plain metrics: student and teacher LM loss and perplexity, KL(teacher || student) at T = 1 over
-  the full vocabulary, and top-1 agreement (the student's alone with no teacher). `count/tokens` (KD tokens) and `count/label_tokens`
+  the full vocabulary, and top-1 agreement (the student's alone with no teacher); with two
+  tokenizers KL is the cross-vocabulary kd at T = 1 and agreement compares tokens by their bytes,
+  both over aligned pairs (each model's LM loss stays per its own tokens). `count/tokens` (KD tokens) and `count/label_tokens`
   (LM targets) let the caller form token-weighted means over a whole split.
   """
   cfg, student, teacher = setup.objective, setup.student, setup.teacher
   models_out = run_models(state.params["student"], teacher_params, batch, cfg, student, teacher)
   _, metrics = objective(state.params, teacher_params, batch, state.opt_step, cfg, student, teacher,
-                         models_out=models_out)
+                         models_out=models_out, vocab_map=vocab_map)
   student_out, _, teacher_out, _ = models_out
   mask_BxL = batch["student_attention_mask"]
   labels_BxL, label_mask_BxL = losses.next_token_labels(batch["student_input_ids"], mask_BxL)
@@ -87,21 +89,34 @@ def eval_step(state: TrainState, batch, teacher_params, *, setup: StepSetup):
   })
   if teacher is None:
     return metrics
+  teacher_lm = losses.lm_loss(teacher_out.logits_BxLxV, *losses.next_token_labels(
+      batch["teacher_input_ids"], batch["teacher_attention_mask"]), chunk_size=cfg.chunk_size)
+  metrics.update({"teacher_lm_loss": teacher_lm, "teacher_ppl": jnp.exp(teacher_lm)})
+  if "align_mask" in batch:
+    at_s = cross_vocab.gather_positions(student_out.logits_BxLxV, batch["align_student"])
+    at_t = cross_vocab.gather_positions(teacher_out.logits_BxLxV, batch["align_teacher"])
+    pairs_BxA = batch["align_mask"]
+    metrics.update({
+        "kl_t1": cross_vocab.cross_vocab_kd_loss(at_s, at_t, pairs_BxA, vocab_map.teacher_ids_M, vocab_map.student_ids_M,
+                                                 temperature=1.0, uld_top_k=cfg.uld_top_k, chunk_size=cfg.chunk_size),
+        "top1_agreement": cross_vocab.top1_agreement(at_s, at_t, pairs_BxA, vocab_map.student_to_teacher_Vs)})
+    return metrics
   vocab = min(student.vocab_size, teacher.vocab_size)
   student_logits, teacher_logits = student_out.logits_BxLxV[..., :vocab], teacher_out.logits_BxLxV[..., :vocab]
-  teacher_lm = losses.lm_loss(teacher_out.logits_BxLxV, labels_BxL, label_mask_BxL, chunk_size=cfg.chunk_size)
   agree_BxL = (jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32)
   metrics.update({
-      "teacher_lm_loss": teacher_lm, "teacher_ppl": jnp.exp(teacher_lm),
       "kl_t1": losses.kd_loss(student_logits, teacher_logits, mask_BxL, temperature=1.0, chunk_size=cfg.chunk_size),
       "top1_agreement": jnp.sum(agree_BxL * mask) / jnp.maximum(jnp.sum(mask), 1.0),
   })
   return metrics
 
 
-def compile_steps(setup: StepSetup, teacher_params):
-  """(train_step(state, batch), eval_step(state, batch)), jitted once, the state donated in training."""
+def compile_steps(setup: StepSetup, teacher_params, vocab_map=None):
+  """(train_step(state, batch), eval_step(state, batch)), jitted once, the state donated in training.
+
+  `vocab_map` (a `cross_vocab.VocabMap`) when teacher and student have different tokenizers.
+  """
   jit_train = jax.jit(train_step, static_argnames="setup", donate_argnames="state")
   jit_eval = jax.jit(eval_step, static_argnames="setup")
-  return (functools.partial(jit_train, teacher_params=teacher_params, setup=setup),
-          functools.partial(jit_eval, teacher_params=teacher_params, setup=setup))
+  return (functools.partial(jit_train, teacher_params=teacher_params, vocab_map=vocab_map, setup=setup),
+          functools.partial(jit_eval, teacher_params=teacher_params, vocab_map=vocab_map, setup=setup))

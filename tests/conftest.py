@@ -43,12 +43,15 @@ FAMILY_CONFIGS = {
 }
 
 
-def make_torch_model(name: str, seed: int = 0):
-  """A transformers model with random weights large enough that errors would show (eager attention)."""
+def make_torch_model(name: str, seed: int = 0, configs: dict | None = None):
+  """A transformers model with random weights large enough that errors would show (eager attention).
+
+  `configs`: name -> (config class name, kwargs, ...); FAMILY_CONFIGS by default.
+  """
   import torch
   import transformers
 
-  class_name, kwargs = FAMILY_CONFIGS[name]
+  class_name, kwargs = (configs or FAMILY_CONFIGS)[name][:2]
   config = getattr(transformers, class_name)(**kwargs)
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
@@ -61,9 +64,14 @@ def make_torch_model(name: str, seed: int = 0):
 @pytest.fixture(scope="session")
 def hf_checkpoints(tmp_path_factory):
   """name -> (directory with config.json + model.safetensors, the transformers model)."""
+  return save_torch_models(tmp_path_factory, FAMILY_CONFIGS)
+
+
+def save_torch_models(tmp_path_factory, configs: dict) -> dict:
+  """name -> (a directory transformers' save_pretrained wrote, the model) for every entry of `configs`."""
   out = {}
-  for name in FAMILY_CONFIGS:
-    model = make_torch_model(name)
+  for name in configs:
+    model = make_torch_model(name, configs=configs)
     path = str(tmp_path_factory.mktemp(name))
     model.save_pretrained(path)
     out[name] = (path, model)

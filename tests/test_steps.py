@@ -212,3 +212,24 @@ def test_plain_lm_mode_runs_no_teacher_and_reduces_the_loss():
   assert float(first["loss"]) == pytest.approx(np.log(VOCAB), abs=0.05)
   assert float(last["loss"]) < float(first["loss"]) - 0.75
   assert float(last["student_ppl"]) == pytest.approx(np.exp(float(last["student_lm_loss"])), rel=1e-5)
+
+
+def test_an_identity_alignment_with_one_vocabulary_computes_the_same_objective(teacher_params):
+  """The cross-tokenizer path (aligned pairs, cross-vocabulary kd) reduces to the one-tokenizer path."""
+  from jaxdistill.cross_vocab import VocabMap
+
+  setup = _setup()
+  state = _state(setup)
+  batch = _batch()
+  length = batch["student_input_ids"].shape[1]
+  aligned = {**batch, "align_student": jnp.broadcast_to(jnp.arange(length), batch["student_input_ids"].shape),
+             "align_teacher": jnp.broadcast_to(jnp.arange(length), batch["student_input_ids"].shape),
+             "align_mask": batch["student_attention_mask"]}
+  vocab_map = VocabMap.from_pairs(np.arange(VOCAB), np.arange(VOCAB), VOCAB)
+  plain = _eval(state, batch, teacher_params, setup=setup)
+  cross = _eval(state, aligned, teacher_params, vocab_map, setup=setup)
+  for key in [k for k in plain if k.startswith(("raw/", "loss/"))] + ["loss", "kl_t1", "top1_agreement"]:
+    np.testing.assert_allclose(float(cross[key]), float(plain[key]), rtol=2e-5, atol=1e-6, err_msg=key)
+  assert float(cross["raw/kd"]) > 0 and float(cross["raw/attention"]) > 0
+  _, trained = _train(_copy(state), aligned, teacher_params, vocab_map, setup=setup)
+  np.testing.assert_allclose(float(trained["loss"]), float(plain["loss"]), rtol=2e-5)

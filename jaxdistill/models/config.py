@@ -2,7 +2,8 @@
 
 `ModelConfig` is the one typed, frozen (hashable, so usable as a static jit argument) description
 the Flax model code sees. Each supported family has a reader (`config.json` dict -> ModelConfig)
-and a writer (ModelConfig -> `config.json` dict that `transformers` loads).
+and a writer (ModelConfig -> `config.json` dict that `transformers` loads). The mixture-of-experts
+families (Qwen3-MoE, Mixtral) are the Llama-like block with some MLPs replaced by routed experts.
 """
 
 import dataclasses
@@ -13,6 +14,7 @@ from jaxdistill.errors import ModelLoadError
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+MOE_FAMILIES = ("qwen3_moe", "mixtral")  # families whose blocks may route tokens to experts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +51,41 @@ class ModelConfig:
   qk_norm: bool = False           # RMSNorm over head_dim on queries and keys (Qwen3)
   tie_word_embeddings: bool = False
   scale_attn_by_inverse_layer_idx: bool = False  # GPT-2 option
+  # Mixture of experts (transformers' Qwen3MoeConfig semantics); num_experts=0 is a dense model.
+  num_experts: int = 0            # routed experts per sparse layer
+  num_experts_per_tok: int = 0    # top-k experts mixed per token
+  moe_intermediate_size: int = 0  # hidden width of each expert's SwiGLU
+  norm_topk_prob: bool = False    # renormalise the top-k router probabilities to sum to 1 (always for Mixtral)
+  decoder_sparse_step: int = 1    # layer i is sparse when (i + 1) % step == 0 ...
+  mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
   param_dtype: str = "float32"    # storage dtype of the parameters
   dtype: str = "float32"          # compute dtype of activations and matmuls
+
+  def __post_init__(self):
+    """Rejects MoE settings transformers would mis-handle or silently ignore (ValueError)."""
+    if not self.num_experts:
+      return
+    if not 1 <= self.num_experts_per_tok <= self.num_experts:
+      raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts "
+                       f"({self.num_experts})")
+    for name in ("moe_intermediate_size", "decoder_sparse_step"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} ({getattr(self, name)}) must be positive")
+    outside = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+    if outside:
+      raise ValueError(f"mlp_only_layers {outside} are outside 0..{self.num_layers - 1} "
+                       f"(num_hidden_layers={self.num_layers})")
+    if self.family == "mixtral" and (not self.norm_topk_prob or len(self.sparse_layers) != self.num_layers):
+      raise ValueError("mixtral routes every layer and always renormalises its top-k weights")
+
+  def is_sparse_layer(self, layer: int) -> bool:
+    """Whether block `layer` has routed experts instead of a dense MLP (transformers' rule)."""
+    return (self.num_experts > 0 and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0)
+
+  @property
+  def sparse_layers(self) -> tuple[int, ...]:
+    return tuple(i for i in range(self.num_layers) if self.is_sparse_layer(i))
 
   def with_dtypes(self, param_dtype: str, dtype: str) -> "ModelConfig":
     for name, value in (("param_dtype", param_dtype), ("dtype", dtype)):
@@ -65,12 +100,12 @@ def _require(hf: dict[str, Any], key: str, where: str):
   return hf[key]
 
 
-def _rope_from_hf(hf: dict[str, Any], where: str) -> RopeConfig:
+def _rope_from_hf(hf: dict[str, Any], where: str, default_theta: float = 10000.0) -> RopeConfig:
   # transformers >= 5 writes `rope_parameters` (theta inside); older files use `rope_theta` + `rope_scaling`.
   params = dict(hf.get("rope_parameters") or {})
   scaling = dict(hf.get("rope_scaling") or {})
   params = {**scaling, **params}
-  theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  theta = float(params.get("rope_theta", hf.get("rope_theta") or default_theta))
   rope_type = params.get("rope_type", params.get("type", "default"))
   if rope_type not in ROPE_TYPES:
     raise ModelLoadError(f"{where}: rope_type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
@@ -107,11 +142,14 @@ def _llama_like_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
   family = hf["model_type"]
   if hf.get("use_sliding_window"):
     raise ModelLoadError(f"{where}: use_sliding_window=true is not supported; only full attention is")
+  if family == "mixtral" and hf.get("sliding_window") is not None:
+    raise ModelLoadError(f"{where}: sliding_window={hf['sliding_window']} is not supported; only full "
+                         f"attention (sliding_window null) is")
   hidden = int(_require(hf, "hidden_size", where))
   heads = int(_require(hf, "num_attention_heads", where))
   head_dim = hf.get("head_dim") or hidden // heads
-  attention_bias = bool(hf.get("attention_bias", False))
-  return ModelConfig(
+  attention_bias = bool(hf.get("attention_bias", False)) and family != "mixtral"
+  fields = dict(
       family=family,
       vocab_size=int(_require(hf, "vocab_size", where)),
       hidden_size=hidden,
@@ -125,14 +163,48 @@ def _llama_like_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       activation=_check_activation(hf.get("hidden_act", "silu"), where),
       gated_mlp=True,
-      rope=_rope_from_hf(hf, where),
+      rope=_rope_from_hf(hf, where, default_theta=1e6 if family == "mixtral" else 10000.0),
       # Qwen2 always has q/k/v biases and no o bias; Llama and Qwen3 put `attention_bias` on all four.
       qkv_bias=True if family == "qwen2" else attention_bias,
       o_bias=False if family == "qwen2" else attention_bias,
       mlp_bias=bool(hf.get("mlp_bias", False)),
-      qk_norm=family == "qwen3",
+      qk_norm=family in ("qwen3", "qwen3_moe"),
       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      **(_moe_from_hf(hf, where) if family in MOE_FAMILIES else {}),
   )
+  try:
+    return ModelConfig(**fields)
+  except ValueError as e:  # __post_init__'s consistency checks
+    raise ModelLoadError(f"{where}: {e}") from None
+
+
+def _moe_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
+  """The MoE fields of a Qwen3-MoE or Mixtral `config.json`."""
+  # Hub files say `num_experts` (Qwen3-MoE) or `num_local_experts` (Mixtral); transformers 5 writes the
+  # latter for both.
+  counts = {k: int(hf[k]) for k in ("num_experts", "num_local_experts") if hf.get(k) is not None}
+  if not counts:
+    raise ModelLoadError(f"{where}: config.json has no 'num_experts', which the {hf['model_type']} family needs")
+  if len(set(counts.values())) > 1:
+    raise ModelLoadError(f"{where}: num_experts and num_local_experts disagree ({counts})")
+  moe = dict(num_experts=next(iter(counts.values())),
+             num_experts_per_tok=int(_require(hf, "num_experts_per_tok", where)))
+  if hf["model_type"] == "mixtral":  # every layer sparse, experts as wide as `intermediate_size`, renormalised
+    return dict(moe, moe_intermediate_size=int(_require(hf, "intermediate_size", where)), norm_topk_prob=True)
+  return dict(moe, moe_intermediate_size=int(_require(hf, "moe_intermediate_size", where)),
+              norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+              decoder_sparse_step=int(1 if hf.get("decoder_sparse_step") is None else hf["decoder_sparse_step"]),
+              mlp_only_layers=tuple(int(i) for i in hf.get("mlp_only_layers") or ()))
+
+
+def _moe_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+  if cfg.family == "mixtral":
+    return {"num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
+            "intermediate_size": cfg.moe_intermediate_size, "sliding_window": None}
+  return {"num_experts": cfg.num_experts, "num_local_experts": cfg.num_experts,
+          "num_experts_per_tok": cfg.num_experts_per_tok, "moe_intermediate_size": cfg.moe_intermediate_size,
+          "norm_topk_prob": cfg.norm_topk_prob, "decoder_sparse_step": cfg.decoder_sparse_step,
+          "mlp_only_layers": list(cfg.mlp_only_layers)}
 
 
 def _llama_like_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -146,12 +218,14 @@ def _llama_like_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   }
   if cfg.family == "qwen2":
     out["use_sliding_window"] = False
-  else:
+  elif cfg.family != "mixtral":
     out["attention_bias"] = cfg.qkv_bias
-  if cfg.family == "qwen3":
+  if cfg.family in ("qwen3", "qwen3_moe"):
     out["use_sliding_window"] = False
   if cfg.family == "llama":
     out["mlp_bias"] = cfg.mlp_bias
+  if cfg.family in MOE_FAMILIES:
+    out.update(_moe_to_hf(cfg))
   return out
 
 
@@ -197,6 +271,8 @@ _FAMILIES = {
     "qwen2": (_llama_like_from_hf, _llama_like_to_hf, "Qwen2ForCausalLM"),
     "qwen3": (_llama_like_from_hf, _llama_like_to_hf, "Qwen3ForCausalLM"),
     "gpt2": (_gpt2_from_hf, _gpt2_to_hf, "GPT2LMHeadModel"),
+    "qwen3_moe": (_llama_like_from_hf, _llama_like_to_hf, "Qwen3MoeForCausalLM"),
+    "mixtral": (_llama_like_from_hf, _llama_like_to_hf, "MixtralForCausalLM"),
 }
 SUPPORTED_FAMILIES = tuple(_FAMILIES)
 

@@ -1,9 +1,10 @@
-"""Flax causal LM covering the Llama, Qwen2, Qwen3 and GPT-2 families.
+"""Flax causal LM covering the Llama, Qwen2, Qwen3, GPT-2, Qwen3-MoE and Mixtral families.
 
 One module, configured by `ModelConfig`; `forward` is the pure entry point
-(params pytree in, arrays out). Hidden states and attention maps are only
-computed and returned when asked for: `attention_layers` is a static tuple, so
-the B*H*L*L probabilities of other layers never exist.
+(params pytree in, arrays out). Hidden states, attention maps, router logits and
+per-expert outputs are only computed and returned when asked for: `attention_layers`
+and `expert_layers` are static tuples, so the B*H*L*L probabilities and the
+B*L*E*D expert outputs of other layers never exist.
 """
 
 import functools
@@ -14,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdistill.models import moe
 from jaxdistill.models.config import ModelConfig
 from jaxdistill.models.rope import apply_rope, inverse_frequencies
 
@@ -35,11 +37,17 @@ class LMOutput:
   hidden_states: `num_layers + 1` arrays [B, L, D] in the transformers convention: the embeddings,
     the output of each block, and for the last entry the final-normed output (None unless requested).
   attentions: attention probabilities [B, H, L, L] in float32, one per entry of `attention_layers`.
+  router_logits: router logits [B, L, E] in float32, one per sparse (MoE) layer in layer order, when
+    `output_router_logits`; () otherwise and for dense models.
+  expert_outputs: every expert's unweighted output [B, L, E, D] in the compute dtype, one per entry of
+    `expert_layers` (sparse layers of MoE models only; () for dense models).
   """
   logits_BxLxV: jax.Array | None
   final_hidden_BxLxD: jax.Array
   hidden_states: tuple[jax.Array, ...] | None
   attentions: tuple[jax.Array, ...]
+  router_logits: tuple[jax.Array, ...] = ()
+  expert_outputs: tuple[jax.Array, ...] = ()
 
 
 def _init(cfg: ModelConfig):
@@ -130,17 +138,62 @@ class MLP(nn.Module):
     return _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "proj")(hidden)
 
 
+class SparseMoE(nn.Module):
+  """Routed SwiGLU experts in place of the dense MLP (Qwen3-MoE, Mixtral).
+
+  Router (no bias) -> float32 softmax -> top-k (renormalised when `norm_topk_prob`) -> the weighted sum
+  of the chosen experts, evaluated sparsely by sorting tokens by expert (`moe.chosen_expert_outputs`).
+  With `return_experts` every expert runs on every token instead (E / k times the expert FLOPs), the
+  layer output is mixed from those same outputs, and they are returned [B, L, E, D].
+  Returns (out_BxLxD, router_logits_BxLxE float32, expert_outputs_BxLxExD or None).
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, return_experts: bool):
+    cfg = self.cfg
+    batch, length, hidden = x_BxLxD.shape
+    experts, width = cfg.num_experts, cfg.moe_intermediate_size
+    # Logits in the compute dtype, as transformers computes them, then float32 for the softmax.
+    logits_BxLxE = _dense(cfg, experts, False, "router")(x_BxLxD).astype(jnp.float32)
+    weights_TxK, chosen_TxK = moe.route(logits_BxLxE.reshape(-1, experts), cfg.num_experts_per_tok,
+                                        cfg.norm_topk_prob)
+    gate_ExDxI, up_ExDxI, down_ExIxD = (
+        jnp.asarray(self.param(name, _init(cfg), shape, cfg.param_dtype), cfg.dtype)
+        for name, shape in (("gate", (experts, hidden, width)), ("up", (experts, hidden, width)),
+                            ("down", (experts, width, hidden))))
+    act = _ACTIVATIONS[cfg.activation]
+    x_TxD = x_BxLxD.reshape(-1, hidden)
+    if return_experts:
+      y_TxExD = moe.all_expert_outputs(x_TxD, gate_ExDxI, up_ExDxI, down_ExIxD, act)
+      y_TxKxD = jnp.take_along_axis(y_TxExD, chosen_TxK[..., None], axis=1)
+      expert_outputs = y_TxExD.reshape(batch, length, experts, hidden)
+    else:
+      y_TxKxD = moe.chosen_expert_outputs(x_TxD, chosen_TxK, gate_ExDxI, up_ExDxI, down_ExIxD, act)
+      expert_outputs = None
+    out_BxLxD = moe.mix(y_TxKxD, weights_TxK).reshape(batch, length, hidden)
+    return out_BxLxD, logits_BxLxE, expert_outputs
+
+
 class Block(nn.Module):
+  """Pre-norm attention and MLP (or routed experts) with residuals.
+
+  Returns (x_BxLxD, attention probs or None, router logits or None, expert outputs or None).
+  """
   cfg: ModelConfig
   layer_idx: int
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, allowed_BxLxL, return_probs: bool):
+  def __call__(self, x_BxLxD, positions_BxL, allowed_BxLxL, return_probs: bool, return_experts: bool = False):
     attn_out, probs = Attention(self.cfg, self.layer_idx, name="attn")(
         Norm(self.cfg, name="attn_norm")(x_BxLxD), positions_BxL, allowed_BxLxL, return_probs)
     x_BxLxD = x_BxLxD + attn_out
-    x_BxLxD = x_BxLxD + MLP(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x_BxLxD))
-    return x_BxLxD, probs
+    normed_BxLxD = Norm(self.cfg, name="mlp_norm")(x_BxLxD)
+    if self.cfg.is_sparse_layer(self.layer_idx):
+      mlp_out, router_logits, expert_outputs = SparseMoE(self.cfg, name="mlp")(normed_BxLxD, return_experts)
+    else:
+      mlp_out, router_logits, expert_outputs = MLP(self.cfg, name="mlp")(normed_BxLxD), None, None
+    return x_BxLxD + mlp_out, probs, router_logits, expert_outputs
 
 
 class CausalLM(nn.Module):
@@ -159,24 +212,32 @@ class CausalLM(nn.Module):
       self.lm_head = _dense(cfg, cfg.vocab_size, False, "lm_head")
 
   def __call__(self, input_ids_BxL, mask_BxL, positions_BxL, output_hidden_states: bool = False,
-               attention_layers: Sequence[int] = (), compute_logits: bool = True) -> LMOutput:
+               attention_layers: Sequence[int] = (), compute_logits: bool = True,
+               output_router_logits: bool = False, expert_layers: Sequence[int] = ()) -> LMOutput:
     x_BxLxD = self.embed(input_ids_BxL)
     if self.cfg.rope is None:
       x_BxLxD = x_BxLxD + self.pos_embed(positions_BxL)
     allowed_BxLxL = attention_mask_BxLxL(mask_BxL)
-    hidden_states, attentions = [x_BxLxD], {}
+    hidden_states, attentions, router_logits, expert_outputs = [x_BxLxD], {}, [], {}
     for i, layer in enumerate(self.layers):
-      x_BxLxD, probs = layer(x_BxLxD, positions_BxL, allowed_BxLxL, i in attention_layers)
+      x_BxLxD, probs, logits_BxLxE, experts_BxLxExD = layer(
+          x_BxLxD, positions_BxL, allowed_BxLxL, i in attention_layers, i in expert_layers)
       hidden_states.append(x_BxLxD)
       if probs is not None:
         attentions[i] = probs
+      if logits_BxLxE is not None:
+        router_logits.append(logits_BxLxE)
+      if experts_BxLxExD is not None:
+        expert_outputs[i] = experts_BxLxExD
     final_BxLxD = self.final_norm(x_BxLxD)
     hidden_states[-1] = final_BxLxD
     return LMOutput(
         logits_BxLxV=self.unembed(final_BxLxD) if compute_logits else None,
         final_hidden_BxLxD=final_BxLxD,
         hidden_states=tuple(hidden_states) if output_hidden_states else None,
-        attentions=tuple(attentions[i] for i in attention_layers))
+        attentions=tuple(attentions[i] for i in attention_layers),
+        router_logits=tuple(router_logits) if output_router_logits else (),
+        expert_outputs=tuple(expert_outputs[i] for i in expert_layers if i in expert_outputs))
 
   def unembed(self, hidden_BxLxD):
     """LM head: final hidden states -> logits (tied to the embeddings or a separate matrix)."""
@@ -203,10 +264,11 @@ def param_shapes(cfg: ModelConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "output_hidden_states", "attention_layers",
-                                             "compute_logits"))
+                                             "compute_logits", "output_router_logits", "expert_layers"))
 def forward(params, cfg: ModelConfig, input_ids_BxL, mask_BxL=None, positions_BxL=None, *,
             output_hidden_states: bool = False, attention_layers: tuple[int, ...] = (),
-            compute_logits: bool = True) -> LMOutput:
+            compute_logits: bool = True, output_router_logits: bool = False,
+            expert_layers: tuple[int, ...] = ()) -> LMOutput:
   """Pure forward pass.
 
   Args:
@@ -218,6 +280,9 @@ def forward(params, cfg: ModelConfig, input_ids_BxL, mask_BxL=None, positions_Bx
     output_hidden_states: also return every hidden state.
     attention_layers: layer indices whose attention probabilities are returned.
     compute_logits: False skips the LM head (a chunked loss can apply `unembed` itself).
+    output_router_logits: also return the [B, L, E] float32 router logits of every sparse layer.
+    expert_layers: sparse layer indices whose per-expert outputs [B, L, E, D] are returned; those layers
+      run every expert on every token (E / k times their expert FLOPs). Dense models ignore it.
   """
   if mask_BxL is None:
     mask_BxL = jnp.ones_like(input_ids_BxL)
@@ -226,8 +291,13 @@ def forward(params, cfg: ModelConfig, input_ids_BxL, mask_BxL=None, positions_Bx
   for layer in attention_layers:
     if not 0 <= layer < cfg.num_layers:
       raise ValueError(f"attention layer {layer} is outside 0..{cfg.num_layers - 1}")
+  if cfg.num_experts:
+    for layer in expert_layers:
+      if not cfg.is_sparse_layer(layer):
+        raise ValueError(f"expert layer {layer} is not a sparse (MoE) layer; those are {cfg.sparse_layers}")
   return CausalLM(cfg).apply({"params": params}, input_ids_BxL, mask_BxL, positions_BxL,
-                             output_hidden_states, tuple(attention_layers), compute_logits)
+                             output_hidden_states, tuple(attention_layers), compute_logits,
+                             output_router_logits, tuple(expert_layers))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

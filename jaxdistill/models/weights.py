@@ -1,8 +1,16 @@
 """Tensor-name mapping between transformers state dicts and the Flax params pytree.
 
-A rule ties one transformers tensor to one or more Flax leaves. PyTorch `nn.Linear` stores
-[out, in] and is transposed; GPT-2's `Conv1D` already stores [in, out]; GPT-2's fused
-`c_attn` is split evenly into the q, k and v kernels (and joined again on export).
+A rule ties one transformers tensor (or one per expert, stacked) to one or more Flax leaves.
+PyTorch `nn.Linear` stores [out, in] and is transposed; GPT-2's `Conv1D` already stores [in, out];
+GPT-2's fused `c_attn` is split evenly into the q, k and v kernels (and joined again on export).
+
+MoE experts live in one Flax kernel per projection with a leading expert axis, [E, in, out].
+Checkpoints store them in one of two layouts, both read:
+- per expert, as on the hub and as transformers' `save_pretrained` writes them (and as exported):
+  Qwen3-MoE `mlp.experts.{e}.{gate,up,down}_proj.weight`, Mixtral
+  `block_sparse_moe.experts.{e}.{w1,w3,w2}.weight`, stacked on load and unstacked on export;
+- fused, as transformers >= 5 holds them in memory (`model.state_dict()`):
+  `mlp.experts.gate_up_proj` [E, 2I, D] (gate rows first) and `mlp.experts.down_proj` [E, D, I].
 """
 
 import dataclasses
@@ -17,10 +25,17 @@ Path = tuple[str, ...]
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  hf_name: str
+  hf_name: str          # with `stack`: a pattern whose '{e}' is the expert index
   flax_paths: tuple[Path, ...]
-  transpose: bool = False
+  transpose: bool = False  # swap the last two axes (PyTorch [out, in] -> Flax [in, out])
   split_axis: int = -1  # axis of the (transposed) tensor split across `flax_paths`
+  stack: int = 0        # > 0: this many tensors `hf_name.format(e=...)`, stacked on a new axis 0
+
+  @property
+  def hf_names(self) -> tuple[str, ...]:
+    if not self.stack:
+      return (self.hf_name,)
+    return tuple(self.hf_name.format(e=e) for e in range(self.stack))
 
 
 def _linear(hf_prefix: str, flax_path: Path, bias: bool) -> list[Rule]:
@@ -37,7 +52,24 @@ def _norm(hf_prefix: str, flax_path: Path, with_bias: bool) -> list[Rule]:
   return rules
 
 
-def _llama_like_rules(cfg: ModelConfig) -> list[Rule]:
+def _expert_rules(cfg: ModelConfig, hf_layer: str, flax_mlp: Path, fused: bool) -> list[Rule]:
+  """Router and stacked expert kernels of one sparse layer, in the per-expert or the fused layout."""
+  if fused:
+    return [*_linear(f"{hf_layer}.mlp.gate", flax_mlp + ("router",), False),
+            Rule(f"{hf_layer}.mlp.experts.gate_up_proj", (flax_mlp + ("gate",), flax_mlp + ("up",)), transpose=True),
+            Rule(f"{hf_layer}.mlp.experts.down_proj", (flax_mlp + ("down",),), transpose=True)]
+  if cfg.family == "mixtral":
+    hf_moe, hf_names = f"{hf_layer}.block_sparse_moe", {"gate": "w1", "up": "w3", "down": "w2"}
+  else:
+    hf_moe, hf_names = f"{hf_layer}.mlp", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+  rules = _linear(f"{hf_moe}.gate", flax_mlp + ("router",), False)
+  for flax_name, hf_name in hf_names.items():
+    rules.append(Rule(f"{hf_moe}.experts.{{e}}.{hf_name}.weight", (flax_mlp + (flax_name,),), transpose=True,
+                      stack=cfg.num_experts))
+  return rules
+
+
+def _llama_like_rules(cfg: ModelConfig, fused_experts: bool) -> list[Rule]:
   rules = [Rule("model.embed_tokens.weight", (("embed", "embedding"),))]
   for i in range(cfg.num_layers):
     hf, fx = f"model.layers.{i}", (f"layers_{i}",)
@@ -49,8 +81,11 @@ def _llama_like_rules(cfg: ModelConfig) -> list[Rule]:
     if cfg.qk_norm:
       rules += _norm(f"{hf}.self_attn.q_norm", fx + ("attn", "q_norm"), False)
       rules += _norm(f"{hf}.self_attn.k_norm", fx + ("attn", "k_norm"), False)
-    for name in ("gate", "up", "down"):
-      rules += _linear(f"{hf}.mlp.{name}_proj", fx + ("mlp", name), cfg.mlp_bias)
+    if cfg.is_sparse_layer(i):
+      rules += _expert_rules(cfg, hf, fx + ("mlp",), fused_experts)
+    else:
+      for name in ("gate", "up", "down"):
+        rules += _linear(f"{hf}.mlp.{name}_proj", fx + ("mlp", name), cfg.mlp_bias)
   rules += _norm("model.norm", ("final_norm",), False)
   if not cfg.tie_word_embeddings:
     rules += _linear("lm_head", ("lm_head",), False)
@@ -77,8 +112,14 @@ def _gpt2_rules(cfg: ModelConfig) -> list[Rule]:
   return rules
 
 
-def rules_for(cfg: ModelConfig) -> list[Rule]:
-  return _gpt2_rules(cfg) if cfg.family == "gpt2" else _llama_like_rules(cfg)
+def rules_for(cfg: ModelConfig, fused_experts: bool = False) -> list[Rule]:
+  """The rules of `cfg`'s checkpoint; `fused_experts` picks the in-memory MoE layout (module docstring)."""
+  return _gpt2_rules(cfg) if cfg.family == "gpt2" else _llama_like_rules(cfg, fused_experts)
+
+
+def has_fused_experts(state: dict) -> bool:
+  """Whether a state dict stores MoE experts fused ([E, ...] tensors) rather than one tensor per expert."""
+  return any(name.endswith((".experts.gate_up_proj", ".experts.down_proj")) for name in state)
 
 
 def _is_ignorable(name: str, cfg: ModelConfig) -> bool:
@@ -107,13 +148,13 @@ def hf_to_flax(state: dict[str, np.ndarray], cfg: ModelConfig, expected, where: 
   the arrays are cast to `cfg.param_dtype`. Raises ModelLoadError on missing, unexpected or
   mis-shaped tensors, naming them.
   """
-  rules = rules_for(cfg)
-  missing = [r.hf_name for r in rules if r.hf_name not in state]
+  rules = rules_for(cfg, fused_experts=has_fused_experts(state))
+  missing = [n for r in rules for n in r.hf_names if n not in state]
   if missing:
     raise ModelLoadError(
         f"{where}: checkpoint lacks {len(missing)} tensor(s) the {cfg.family} config needs, e.g. "
         f"{', '.join(missing[:3])}")
-  known = {r.hf_name for r in rules}
+  known = {n for r in rules for n in r.hf_names}
   unexpected = sorted(n for n in state if n not in known and not _is_ignorable(n, cfg))
   if unexpected:
     raise ModelLoadError(
@@ -121,30 +162,34 @@ def hf_to_flax(state: dict[str, np.ndarray], cfg: ModelConfig, expected, where: 
         f"e.g. {', '.join(unexpected[:3])}: config.json and weights disagree")
   params: dict = {}
   for rule in rules:
-    array = np.asarray(state[rule.hf_name])
+    tensors = [np.asarray(state[n]) for n in rule.hf_names]
+    if len({t.shape for t in tensors}) > 1:
+      raise ModelLoadError(f"{where}: the {rule.stack} tensors '{rule.hf_name}' differ in shape")
+    array = np.stack(tensors) if rule.stack else tensors[0]
     if rule.transpose:
-      array = array.T
+      array = np.swapaxes(array, -1, -2)
     parts = np.split(array, len(rule.flax_paths), axis=rule.split_axis) if len(rule.flax_paths) > 1 else [array]
     for path, part in zip(rule.flax_paths, parts):
       want = _get(expected, path)
       if tuple(part.shape) != tuple(want.shape):
-        shown = tuple(array.T.shape) if rule.transpose else tuple(array.shape)
         raise ModelLoadError(
-            f"{where}: tensor '{rule.hf_name}' has shape {shown}, but config.json implies a shape "
-            f"that gives {tuple(want.shape)} for {'/'.join(path)}")
+            f"{where}: tensor '{rule.hf_names[0]}' has shape {tuple(tensors[0].shape)}, but config.json "
+            f"implies a shape that gives {tuple(want.shape)} for {'/'.join(path)}")
       _set(params, path, part.astype(want.dtype))
   return params
 
 
 def flax_to_hf(params, cfg: ModelConfig, dtype=None) -> dict[str, np.ndarray]:
-  """The transformers state dict of `params` (numpy, contiguous), optionally cast to `dtype`."""
+  """The transformers state dict of `params` (numpy, contiguous, per-expert MoE layout), optionally cast."""
   state = {}
   for rule in rules_for(cfg):
     parts = [np.asarray(_get(params, p)) for p in rule.flax_paths]
     array = np.concatenate(parts, axis=rule.split_axis) if len(parts) > 1 else parts[0]
     if rule.transpose:
-      array = array.T
+      array = np.swapaxes(array, -1, -2)
     if dtype is not None:
       array = array.astype(dtype)
-    state[rule.hf_name] = np.ascontiguousarray(array)
+    tensors = list(array) if rule.stack else [array]
+    for name, tensor in zip(rule.hf_names, tensors):
+      state[name] = np.ascontiguousarray(tensor)
   return state
