@@ -277,9 +277,11 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   _log(monitor.summary())
   export_dir = save_pretrained(state.params["student"], setup.student, os.path.join(workdir, "student_hf"),
                                hf_config=student.hf_config, tokenizer=tokenizer)
-  teacher_ppl = f", teacher {result['teacher_ppl']:.2f}" if distill else ""
-  _log(f"[DONE] student exported to {export_dir}\n"
-       f"  held-out perplexity: student {result['student_ppl']:.2f}{teacher_ppl}")
+  if distill:
+    _log(f"[DONE] student exported to {export_dir}\n"
+         f"  held-out perplexity: student {result['student_ppl']:.2f}, teacher {result['teacher_ppl']:.2f}")
+  else:
+    _log(f"[DONE] model exported to {export_dir}\n  held-out perplexity: {result['student_ppl']:.2f}")
   return result
 
 

@@ -90,3 +90,17 @@ def padded_batch(side: str, batch: int = 3, length: int = 9, seed: int = 0):
         mask_BxL[row, :pad] = 0 if side == "left" else 1
         mask_BxL[row, length - pad:] = 1 if side == "left" else 0
   return ids_BxL, mask_BxL
+
+
+class CountingTokenizer:
+  """Delegates to a tokenizer and counts the tokenizing calls."""
+
+  def __init__(self, inner):
+    self.inner, self.calls = inner, 0
+
+  def __call__(self, *args, **kwargs):
+    self.calls += 1
+    return self.inner(*args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import CountingTokenizer
 from jaxdistill.data import DataConfig, DataError, DataPipeline, load_documents, pack_sequences, split_documents
 from jaxdistill.data.pipeline import tokenize_documents
 from jaxdistill.errors import ConfigError
@@ -331,6 +332,8 @@ def test_hub_dataset_column_and_missing_column(monkeypatch):
     ("eval_fraction", 1.0, "a number strictly between 0 and 1"),
     ("eval_fraction", "0.1", "a number strictly between 0 and 1"),
     ("max_documents", -1, "an integer >= 0"), ("max_eval_batches", 1.5, "an integer >= 0"),
+    ("teacher_seq_len", 1, "0 (same as data.seq_len) or an integer >= 2"),
+    ("teacher_seq_len", True, "0 (same as data.seq_len) or an integer >= 2"),
     ("source", "", "builtin:stdlib_docs, a .txt, .jsonl, .json, .parquet file or a directory of them, "
                    "or a Hugging Face dataset id")])
 def test_config_values_out_of_range(field, value, allowed):
@@ -339,22 +342,13 @@ def test_config_values_out_of_range(field, value, allowed):
   assert str(info.value) == f"config field 'data.{field}' = {value!r} is not allowed: {allowed}"
 
 
+def test_teacher_seq_len_defaults_to_seq_len():
+  assert DataConfig(seq_len=8).teacher_len == 8
+  assert DataConfig(seq_len=8, teacher_seq_len=5).teacher_len == 5
+
+
 # ---------------------------------------------------------------------------------------------
 # Cache.
-
-class CountingTokenizer:
-  """Delegates to a tokenizer and counts the tokenizing calls."""
-
-  def __init__(self, inner):
-    self.inner, self.calls = inner, 0
-
-  def __call__(self, *args, **kwargs):
-    self.calls += 1
-    return self.inner(*args, **kwargs)
-
-  def __getattr__(self, name):
-    return getattr(self.inner, name)
-
 
 def _same_data(a, b):
   assert np.array_equal(a.train_sequences, b.train_sequences)
