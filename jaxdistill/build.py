@@ -1,6 +1,7 @@
 """Turns a validated config into its parts: the tokenizer and the teacher/student models."""
 
 import contextlib
+import os
 
 import jax
 
@@ -33,15 +34,31 @@ def check_teacher_tokenizer(cfg: Config, tokenizer) -> None:
   """Until cross-tokenizer distillation exists, a teacher checkpoint must share the run's vocabulary."""
   if not cfg.teacher.name_or_path:
     return
-  try:
-    teacher_tokenizer = load_tokenizer(cfg.teacher.name_or_path, cfg.teacher.revision)
-  except ModelLoadError:
+  teacher_vocab = _vocabulary(cfg.teacher.name_or_path, cfg.teacher.revision)
+  if teacher_vocab is None:
     return  # a checkpoint without tokenizer files: nothing to compare against
-  if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+  if teacher_vocab != tokenizer.get_vocab():
     raise ModelLoadError(
-        f"teacher.name_or_path: the teacher's tokenizer ({len(teacher_tokenizer)} tokens) differs from the run's "
+        f"teacher.name_or_path: the teacher's tokenizer ({len(teacher_vocab)} tokens) differs from the run's "
         f"({len(tokenizer)} tokens); token-level distillation needs one shared tokenizer: pick a teacher from the "
         f"student's family or set `tokenizer` to the teacher's")
+
+
+def _vocabulary(name_or_path: str, revision: str) -> dict[str, int] | None:
+  """A checkpoint's token -> id map, or None without tokenizer files.
+
+  A `tokenizer.json` is read with the `tokenizers` library alone (importing transformers' tokenizer
+  classes costs seconds); other formats go through `load_tokenizer`.
+  """
+  from tokenizers import Tokenizer
+
+  try:
+    path = hf_io.resolve(name_or_path, revision)
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+      return Tokenizer.from_file(os.path.join(path, "tokenizer.json")).get_vocab(with_added_tokens=True)
+    return load_tokenizer(name_or_path, revision).get_vocab()
+  except ModelLoadError:
+    return None
 
 
 def build_model(spec: ModelSpec, vocab_size: int, rng: jax.Array, field: str) -> hf_io.Pretrained:

@@ -72,7 +72,7 @@ def teacher_dir(cfg: Config) -> str:
   return os.path.join(os.path.expanduser(root), f"{arch.family}-{arch.hidden_size}x{arch.num_layers}-{digest}")
 
 
-def trained_teacher(cfg: Config) -> str:
+def trained_teacher(cfg: Config, data_cache: str | None = None) -> str:
   """Trains (or resumes, or reuses) the teacher; returns its Hugging Face export directory."""
   directory = teacher_dir(cfg)
   done = os.path.join(directory, TEACHER_DONE)
@@ -84,7 +84,7 @@ def trained_teacher(cfg: Config) -> str:
          f"(held-out perplexity {record['eval']['student_ppl']:.2f})")
     return export
   _log(f"[TEACHER] training the teacher by plain LM for {cfg.stages.teacher_steps:,} steps in {directory}")
-  result = train_and_evaluate(teacher_config(cfg), directory)
+  result = train_and_evaluate(teacher_config(cfg), directory, data_cache=data_cache)
   with open(done, "w") as f:
     json.dump({"steps": cfg.stages.teacher_steps, "key": teacher_key(cfg), "eval": result}, f, indent=1,
               sort_keys=True)
@@ -130,13 +130,14 @@ def comparison_table(c: dict) -> str:
 
 def run(cfg: Config, workdir: str, resume: str | None = None) -> dict:
   """The whole job: [teacher training], the run itself, [scratch baseline and comparison], the plot."""
+  data_cache = os.path.join(workdir, "data_cache")  # one packed copy of the data for every stage
   if cfg.stages.teacher_steps:
-    cfg = with_teacher(cfg, trained_teacher(cfg))
-  result = train_and_evaluate(cfg, workdir, resume)
+    cfg = with_teacher(cfg, trained_teacher(cfg, data_cache))
+  result = train_and_evaluate(cfg, workdir, resume, data_cache=data_cache)
   if cfg.stages.scratch_baseline:
     _log("[BASELINE] training the same student alone (plain LM, same initial weights, data and steps) in "
          f"{os.path.join(workdir, SCRATCH_DIR)}")
-    scratch = train_and_evaluate(plain_lm(cfg), os.path.join(workdir, SCRATCH_DIR))
+    scratch = train_and_evaluate(plain_lm(cfg), os.path.join(workdir, SCRATCH_DIR), data_cache=data_cache)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accumulation_steps
     summary = comparison(result, scratch, tokens_per_step)
     table = comparison_table(summary)

@@ -135,14 +135,19 @@ def _evaluate(eval_step, state, data) -> dict:
   return reducer.result()
 
 
-def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None = None) -> dict:
-  """Runs the whole job; returns the final evaluation metrics. `resume`: a checkpoint path or None."""
+def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None = None,
+                       data_cache: str | None = None) -> dict:
+  """Runs one training run; returns the final evaluation metrics.
+
+  `resume`: a checkpoint path or None. `data_cache`: where packed data is cached (default
+  WORKDIR/data_cache; the cache key covers everything the arrays depend on, so runs may share one).
+  """
   os.makedirs(workdir, exist_ok=True)
   distill = cfg.mode == "distill"  # otherwise plain LM training: no teacher at all
   tokenizer = build_tokenizer(cfg)
   if distill:
     check_teacher_tokenizer(cfg, tokenizer)
-  data = DataPipeline(cfg.data, tokenizer, cfg.seed, cache_dir=os.path.join(workdir, "data_cache"))
+  data = DataPipeline(cfg.data, tokenizer, cfg.seed, cache_dir=data_cache or os.path.join(workdir, "data_cache"))
   rng = jax.random.key(cfg.seed)
   teacher_rng, student_rng, heads_rng, state_rng = jax.random.split(rng, 4)
   teacher = build_model(cfg.teacher, len(tokenizer), teacher_rng, "teacher") if distill else None
