@@ -202,8 +202,10 @@ def _alignment(batch):
     same = lambda x: x  # noqa: E731
     return same, same, same, same, batch["student_attention_mask"]
   s_pos, t_pos, pairs = batch["align_student"], batch["align_teacher"], batch["align_mask"]
-  return (lambda x: cross_vocab.gather_positions(x, s_pos), lambda x: cross_vocab.gather_positions(x, t_pos),
-          lambda m: cross_vocab.aligned_attention(m, s_pos, pairs), lambda m: cross_vocab.aligned_attention(m, t_pos, pairs),
+  return (lambda x: cross_vocab.gather_positions(x, s_pos),
+          lambda x: cross_vocab.gather_positions(x, t_pos),
+          lambda m: cross_vocab.aligned_attention(m, s_pos, pairs),
+          lambda m: cross_vocab.aligned_attention(m, t_pos, pairs),
           pairs)
 
 

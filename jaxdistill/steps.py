@@ -71,8 +71,8 @@ def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup
   Plain metrics: student and teacher LM loss and perplexity, KL(teacher || student) at T = 1 over
   the full vocabulary, and top-1 agreement (the student's alone with no teacher); with two
   tokenizers KL is the cross-vocabulary kd at T = 1 and agreement compares tokens by their bytes,
-  both over aligned pairs (each model's LM loss stays per its own tokens). `count/tokens` (KD tokens) and `count/label_tokens`
-  (LM targets) let the caller form token-weighted means over a whole split.
+  both over aligned pairs (each model's LM loss stays per its own tokens). `count/tokens` (KD tokens)
+  and `count/label_tokens` (LM targets) let the caller form token-weighted means over a whole split.
   """
   cfg, student, teacher = setup.objective, setup.student, setup.teacher
   models_out = run_models(state.params["student"], teacher_params, batch, cfg, student, teacher)
@@ -97,8 +97,9 @@ def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup
     at_t = cross_vocab.gather_positions(teacher_out.logits_BxLxV, batch["align_teacher"])
     pairs_BxA = batch["align_mask"]
     metrics.update({
-        "kl_t1": cross_vocab.cross_vocab_kd_loss(at_s, at_t, pairs_BxA, vocab_map.teacher_ids_M, vocab_map.student_ids_M,
-                                                 temperature=1.0, uld_top_k=cfg.uld_top_k, chunk_size=cfg.chunk_size),
+        "kl_t1": cross_vocab.cross_vocab_kd_loss(
+            at_s, at_t, pairs_BxA, vocab_map.teacher_ids_M, vocab_map.student_ids_M, temperature=1.0,
+            uld_top_k=cfg.uld_top_k, chunk_size=cfg.chunk_size),
         "top1_agreement": cross_vocab.top1_agreement(at_s, at_t, pairs_BxA, vocab_map.student_to_teacher_Vs)})
     return metrics
   vocab = min(student.vocab_size, teacher.vocab_size)
