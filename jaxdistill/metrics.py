@@ -3,9 +3,11 @@
 import json
 import math
 import os
+import sys
 from typing import Iterable
 
 import numpy as np
+from tqdm import tqdm
 
 from jaxdistill.objective import COMPONENTS
 
@@ -44,6 +46,11 @@ class EvalReducer:
     out["count/tokens"] = self.tokens
     out["count/label_tokens"] = self.label_tokens
     return out
+
+
+def log(message: str) -> None:
+  """Prints a run block to stdout without breaking the progress bar (which lives on stderr)."""
+  tqdm.write(message, file=sys.stdout)
 
 
 def curriculum_block(step: int, total_steps: int, split: str, metrics: dict) -> str:

@@ -14,15 +14,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
-
-from tqdm import tqdm
 
 from jaxdistill import plot
 from jaxdistill.config import Config, DebugSpec, StagesSpec
 from jaxdistill.curriculum import lm_only
 from jaxdistill.data.corpus import source_fingerprint
 from jaxdistill.errors import JaxDistillError
+from jaxdistill.metrics import log
 from jaxdistill.schema import LM_EVAL_METRICS
 from jaxdistill.trainer import train_and_evaluate
 
@@ -32,9 +30,6 @@ SCRATCH_DIR = "scratch"
 COMPARISON_JSON = "comparison.json"
 COMPARISON_MD = "comparison.md"
 
-
-def _log(message: str) -> None:
-  tqdm.write(message, file=sys.stdout)
 
 
 def plain_lm(cfg: Config, student=None) -> Config:
@@ -80,10 +75,10 @@ def trained_teacher(cfg: Config, data_cache: str | None = None) -> str:
   if os.path.isfile(done) and os.path.isfile(os.path.join(export, "config.json")):
     with open(done) as f:
       record = json.load(f)
-    _log(f"[TEACHER] reusing the teacher trained for {record['steps']:,} steps in {directory} "
+    log(f"[TEACHER] reusing the teacher trained for {record['steps']:,} steps in {directory} "
          f"(held-out perplexity {record['eval']['student_ppl']:.2f})")
     return export
-  _log(f"[TEACHER] training the teacher by plain LM for {cfg.stages.teacher_steps:,} steps in {directory}")
+  log(f"[TEACHER] training the teacher by plain LM for {cfg.stages.teacher_steps:,} steps in {directory}")
   result = train_and_evaluate(teacher_config(cfg), directory, data_cache=data_cache)
   with open(done, "w") as f:
     json.dump({"steps": cfg.stages.teacher_steps, "key": teacher_key(cfg), "eval": result}, f, indent=1,
@@ -135,7 +130,7 @@ def run(cfg: Config, workdir: str, resume: str | None = None) -> dict:
     cfg = with_teacher(cfg, trained_teacher(cfg, data_cache))
   result = train_and_evaluate(cfg, workdir, resume, data_cache=data_cache)
   if cfg.stages.scratch_baseline:
-    _log("[BASELINE] training the same student alone (plain LM, same initial weights, data and steps) in "
+    log("[BASELINE] training the same student alone (plain LM, same initial weights, data and steps) in "
          f"{os.path.join(workdir, SCRATCH_DIR)}")
     scratch = train_and_evaluate(plain_lm(cfg), os.path.join(workdir, SCRATCH_DIR), data_cache=data_cache)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accumulation_steps
@@ -145,10 +140,10 @@ def run(cfg: Config, workdir: str, resume: str | None = None) -> dict:
       json.dump(summary, f, indent=1, sort_keys=True)
     with open(os.path.join(workdir, COMPARISON_MD), "w") as f:
       f.write(table + "\n")
-    _log(f"[COMPARISON] held-out perplexity (also in {os.path.join(workdir, COMPARISON_MD)})\n{table}")
+    log(f"[COMPARISON] held-out perplexity (also in {os.path.join(workdir, COMPARISON_MD)})\n{table}")
   try:
     png, _ = plot.write_plot(workdir)
-    _log(f"[PLOT] {png}")
+    log(f"[PLOT] {png}")
   except JaxDistillError as e:  # the run itself succeeded: a missing picture is not a failed run
-    _log(f"[PLOT] not written: {e}")
+    log(f"[PLOT] not written: {e}")
   return result

@@ -22,6 +22,7 @@ from jaxdistill import metrics as metrics_lib
 from jaxdistill.build import build_model, build_tokenizer, check_teacher_tokenizer
 from jaxdistill.data.pipeline import DataPipeline
 from jaxdistill.errors import JaxDistillError
+from jaxdistill.metrics import log
 from jaxdistill.models import save_pretrained
 from jaxdistill.monitor import RunMonitor, out_of_memory_message
 from jaxdistill.objective import COMPONENTS, init_heads
@@ -61,9 +62,6 @@ class _StopFlag:
     for signum, handler in self._previous.items():
       signal.signal(signum, handler)
 
-
-def _log(message: str) -> None:
-  tqdm.write(message, file=sys.stdout)
 
 
 def _host(tree) -> dict:
@@ -184,7 +182,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   micro_step = int(state.step)
   start_opt_step = micro_step // accumulation
   total_micro = total_steps * accumulation
-  _log(_summary(cfg, teacher, student, data, setup, total_steps, start_opt_step))
+  log(_summary(cfg, teacher, student, data, setup, total_steps, start_opt_step))
   student = dataclasses.replace(student, params=None)  # the state owns (and donates) the params now
   writer = metrics_lib.MetricWriter(workdir, cfg.log.tensorboard)
 
@@ -200,9 +198,9 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
     last_eval_step = step
     result = _evaluate(eval_step, state, data)
     writer.write(step, "eval", result)
-    _log(metrics_lib.eval_block(step, result))
+    log(metrics_lib.eval_block(step, result))
     if distill and step % cfg.log.curriculum_every_steps == 0:
-      _log(metrics_lib.curriculum_block(step, total_steps, "eval", result))
+      log(metrics_lib.curriculum_block(step, total_steps, "eval", result))
     value = result[cfg.train.best_metric]
     if best_metric is None or value < best_metric:
       best_metric, evals_without_improvement = value, 0
@@ -244,11 +242,11 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
           window_start, window_tokens = time.perf_counter(), 0
           last_train = record
           for warning in monitor.on_train(step, micro_step, counters, record["loss"], fp16):
-            _log(warning)
+            log(warning)
           if step % cfg.log.debug_every_steps == 0:
-            _log(metrics_lib.debug_block(step, record))
+            log(metrics_lib.debug_block(step, record))
           if distill and step % cfg.log.curriculum_every_steps == 0:
-            _log(metrics_lib.curriculum_block(step, total_steps, "train", record))
+            log(metrics_lib.curriculum_block(step, total_steps, "train", record))
 
         # This optimizer step's micro-batches crossed into a new data epoch (grain's epochs, by micro-batch).
         epoch_end = micro_step // data.batches_per_epoch != (micro_step - accumulation) // data.batches_per_epoch
@@ -256,12 +254,12 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
           result = evaluate(step)
           if last_train is not None:
             for warning in monitor.on_eval(result["loss"], last_train["loss"]):
-              _log(warning)
+              log(warning)
         if step % cfg.checkpoint.every_steps == 0 or epoch_end or step == total_steps:
           checkpointer.save(step, state, run_meta(step))
         patience = cfg.train.early_stopping_patience
         if patience and evals_without_improvement >= patience:
-          _log(f"[EARLY STOP] {cfg.train.best_metric} has not improved for {patience} evaluations")
+          log(f"[EARLY STOP] {cfg.train.best_metric} has not improved for {patience} evaluations")
           checkpointer.save(step, state, run_meta(step))
           break
         if stop.signum is not None:
@@ -279,14 +277,14 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   writer.close()
   checkpointer.wait()
   checkpointer.close()
-  _log(monitor.summary())
+  log(monitor.summary())
   export_dir = save_pretrained(state.params["student"], setup.student, os.path.join(workdir, "student_hf"),
                                hf_config=student.hf_config, tokenizer=tokenizer)
   if distill:
-    _log(f"[DONE] student exported to {export_dir}\n"
+    log(f"[DONE] student exported to {export_dir}\n"
          f"  held-out perplexity: student {result['student_ppl']:.2f}, teacher {result['teacher_ppl']:.2f}")
   else:
-    _log(f"[DONE] model exported to {export_dir}\n  held-out perplexity: {result['student_ppl']:.2f}")
+    log(f"[DONE] model exported to {export_dir}\n  held-out perplexity: {result['student_ppl']:.2f}")
   return result
 
 
@@ -297,6 +295,6 @@ def _emergency_save(checkpointer, state, micro_step, accumulation, run_meta, err
     written = checkpointer.save(step, state, run_meta(step) | {"emergency": type(error).__name__})
     checkpointer.wait()
     what = "written" if written else "already on disk"
-    _log(f"[EMERGENCY] checkpoint {what} at step {step} (micro-batch {micro_step}) after {type(error).__name__}")
+    log(f"[EMERGENCY] checkpoint {what} at step {step} (micro-batch {micro_step}) after {type(error).__name__}")
   except Exception as e:  # e.g. the state's buffers were donated to the step that failed
-    _log(f"[EMERGENCY] could not write a checkpoint ({type(e).__name__}); the last periodic one stands")
+    log(f"[EMERGENCY] could not write a checkpoint ({type(e).__name__}); the last periodic one stands")
