@@ -5,8 +5,10 @@ import os
 
 import jax
 
+from jaxdistill import cross_vocab
 from jaxdistill.config import Config, ModelSpec
-from jaxdistill.errors import ModelLoadError
+from jaxdistill.data import alignment
+from jaxdistill.errors import ConfigError, ModelLoadError
 from jaxdistill.models import hf_io, transformer
 from jaxdistill.models.config import to_hf_config
 from jaxdistill.tokenizer import load_tokenizer
@@ -30,18 +32,41 @@ def build_tokenizer(cfg: Config):
     return load_tokenizer(cfg.student.name_or_path, cfg.student.revision)
 
 
-def check_teacher_tokenizer(cfg: Config, tokenizer) -> None:
-  """Until cross-tokenizer distillation exists, a teacher checkpoint must share the run's vocabulary."""
-  if not cfg.teacher.name_or_path:
-    return
-  teacher_vocab = _vocabulary(cfg.teacher.name_or_path, cfg.teacher.revision)
-  if teacher_vocab is None:
-    return  # a checkpoint without tokenizer files: nothing to compare against
-  if teacher_vocab != tokenizer.get_vocab():
-    raise ModelLoadError(
-        f"teacher.name_or_path: the teacher's tokenizer ({len(teacher_vocab)} tokens) differs from the run's "
-        f"({len(tokenizer)} tokens); token-level distillation needs one shared tokenizer: pick a teacher from the "
-        f"student's family or set `tokenizer` to the teacher's")
+def build_teacher_tokenizer(cfg: Config, tokenizer):
+  """The teacher's tokenizer where it differs from the run's `tokenizer`; None where both are one tokenizer.
+
+  `teacher_tokenizer` names it. Empty, it is the teacher checkpoint's own tokenizer, or the run's for a
+  random-architecture teacher and for a checkpoint without tokenizer files. Two different tokenizers make
+  the run distil across vocabularies on text-aligned positions (`data/alignment.py`, `cross_vocab.py`).
+  """
+  if cfg.teacher_tokenizer:
+    with _blame("teacher_tokenizer"):
+      teacher_tokenizer = load_tokenizer(cfg.teacher_tokenizer, cfg.teacher.revision)
+  elif cfg.teacher.name_or_path:
+    teacher_vocab = _vocabulary(cfg.teacher.name_or_path, cfg.teacher.revision)
+    if teacher_vocab is None or teacher_vocab == tokenizer.get_vocab():
+      return None  # no tokenizer files to go by, or the same vocabulary
+    with _blame("teacher.name_or_path"):
+      teacher_tokenizer = load_tokenizer(cfg.teacher.name_or_path, cfg.teacher.revision)
+  else:
+    return None
+  return None if alignment.same_tokenizer(tokenizer, teacher_tokenizer) else teacher_tokenizer
+
+
+def check_cross_vocab_objective(cfg: Config) -> None:
+  """With two tokenizers kd is the cross-vocabulary forward KL (`cross_vocab.py`): its other options are refused."""
+  obj = cfg.objective
+  if obj.kd_mode != "forward_kl":
+    raise ConfigError("distill.kd_mode", obj.kd_mode, "forward_kl when the teacher's tokenizer differs from the "
+                      "run's (cross-vocabulary kd is a forward KL over the shared tokens plus ULD on the rest)")
+  if obj.kd_top_k:
+    raise ConfigError("distill.kd_top_k", obj.kd_top_k, "0 when the teacher's tokenizer differs from the run's "
+                      "(distill.uld_top_k bounds the vocabulary-free part instead)")
+
+
+def vocab_map(tokenizer, teacher_tokenizer, student_vocab: int) -> cross_vocab.VocabMap:
+  """The tokens the two tokenizers share, for a student model with `student_vocab` output ids."""
+  return cross_vocab.VocabMap.from_pairs(*alignment.vocab_mapping(tokenizer, teacher_tokenizer), student_vocab)
 
 
 def _vocabulary(name_or_path: str, revision: str) -> dict[str, int] | None:

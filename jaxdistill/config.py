@@ -47,7 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
       "mode": "distill",          # distill: teacher -> student; lm: plain LM training of `student` (no teacher)
       "teacher": model_group(),
       "student": model_group(),
-      "tokenizer": "",            # HF id or dir, or 'byte'; '' uses the student's checkpoint
+      "tokenizer": "",            # HF id or dir, 'byte', or 'bpe:N'/'sp:N' (trained here); '': the student checkpoint's
+      "teacher_tokenizer": "",    # the teacher's, where it differs (same forms); '': the teacher checkpoint's own,
+                                  # or `tokenizer` for a random teacher. Two tokenizers: kd on text-aligned positions
       # The groups below take their fields and defaults from the dataclasses that document them:
       # DataConfig (jaxdistill/data/pipeline.py), DistillSpec, TrainSpec, CheckpointSpec, LogSpec,
       # StagesSpec (schema.py), CurriculumConfig (curriculum.py), RouterConfig (router.py), OptimConfig (optim.py),
@@ -68,18 +70,26 @@ def base_config() -> ml_collections.ConfigDict:
 
 def arch_group(family: str = "llama", vocab_size: int = 0, hidden_size: int = 64, num_layers: int = 2,
                num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
-               max_position_embeddings: int = 512, tie_word_embeddings: bool = True) -> ml_collections.ConfigDict:
+               max_position_embeddings: int = 512, tie_word_embeddings: bool = True, num_experts: int = 0,
+               num_experts_per_tok: int = 2, moe_intermediate_size: int = 0, norm_topk_prob: bool = True,
+               decoder_sparse_step: int = 1) -> ml_collections.ConfigDict:
   """Architecture of a randomly initialised model (used when `name_or_path` is empty)."""
   return ml_collections.ConfigDict({
-      "family": family,                        # llama | qwen2 | qwen3 | gpt2
+      "family": family,                        # llama | qwen2 | qwen3 | gpt2 (dense) | qwen3_moe | mixtral (MoE)
       "vocab_size": vocab_size,                # 0: the tokenizer's vocabulary size
       "hidden_size": hidden_size,
       "num_layers": num_layers,
       "num_heads": num_heads,
       "num_kv_heads": num_kv_heads,            # < num_heads: grouped-query attention (not GPT-2)
-      "intermediate_size": intermediate_size,  # MLP width
+      "intermediate_size": intermediate_size,  # MLP width (qwen3_moe: its dense blocks; mixtral: each expert)
       "max_position_embeddings": max_position_embeddings,
       "tie_word_embeddings": tie_word_embeddings,
+      # Mixture of experts (qwen3_moe, mixtral only; transformers' Qwen3MoeConfig meaning).
+      "num_experts": num_experts,              # routed experts per sparse layer; 0 for the dense families
+      "num_experts_per_tok": num_experts_per_tok,      # top-k experts mixed per token, in 1..num_experts
+      "moe_intermediate_size": moe_intermediate_size,  # width of each expert; 0: intermediate_size (always, mixtral)
+      "norm_topk_prob": norm_topk_prob,        # renormalise the top-k router weights to sum to 1 (always, mixtral)
+      "decoder_sparse_step": decoder_sparse_step,      # block i is sparse when (i + 1) % step == 0 (1, mixtral)
   })
 
 
@@ -105,14 +115,20 @@ def loaded_config(holder: flags.FlagHolder) -> ml_collections.ConfigDict:
   return cfg
 
 
-def load(config_arg: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
-  """Loads `configs/NAME.py[:arg]` in-process, locked, with `{'a.b': value}` overrides applied."""
-  path, _, arg = config_arg.partition(":")
+def config_module(path: str):
+  """The config file at `path` as a module (config files build on each other through this)."""
   spec = importlib.util.spec_from_file_location(f"jaxdistill_config_{abs(hash(path))}", path)
   if spec is None or not os.path.isfile(path):
     raise CommandLineError(f"--config: no config file {path!r}")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def load(config_arg: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """Loads `configs/NAME.py[:arg]` in-process, locked, with `{'a.b': value}` overrides applied."""
+  path, _, arg = config_arg.partition(":")
+  module = config_module(path)
   cfg = module.get_config(arg) if arg else module.get_config()
   cfg.lock()
   for key, value in (overrides or {}).items():

@@ -11,41 +11,58 @@ from tqdm import tqdm
 
 from jaxdistill.objective import COMPONENTS
 
-# Metrics averaged over LM targets (next-token positions); all others over tokens.
-_LABEL_WEIGHTED = ("raw/lm", "loss/lm", "student_lm_loss", "teacher_lm_loss")
-_NOT_AVERAGED = ("opt_step", "count/tokens", "count/label_tokens", "student_ppl", "teacher_ppl")
+# The counts each metric is a mean over, the first one present (older eval steps lack the later counts);
+# all others are means over (student) tokens.
+_LABELS = ("count/label_tokens",)
+_WEIGHTS = {"raw/lm": _LABELS, "loss/lm": _LABELS, "student_lm_loss": _LABELS,
+            "teacher_lm_loss": ("count/teacher_label_tokens",) + _LABELS,
+            "kl_t1": ("count/pairs", "count/tokens"), "top1_agreement": ("count/pairs", "count/tokens")}
+_NOT_AVERAGED = ("opt_step", "student_ppl", "teacher_ppl")
 
 
 class EvalReducer:
-  """Accumulates eval-step metrics as sums weighted by token counts; `result()` gives the means."""
+  """Accumulates eval-step metrics as sums weighted by their token counts; `result()` gives the means.
+
+  Each metric is weighted by the count it is a mean over (`_WEIGHTS`: LM targets, the teacher's LM targets,
+  aligned pairs; student tokens otherwise). With two tokenizers the teacher's perplexity per its own token
+  is not comparable with the student's, so `result()` adds `teacher_ppl_per_student_token`: the teacher's
+  total loss over the split divided by the student's LM targets there (the two cover the same text).
+  """
 
   def __init__(self):
     self.sums: dict[str, float] = {}
-    self.tokens = 0.0
-    self.label_tokens = 0.0
+    self.counts: dict[str, float] = {}
+
+  def _weight(self, key: str, metrics: dict) -> float:
+    counts = _WEIGHTS.get(key, ("count/tokens",))
+    return float(metrics[next((c for c in counts if c in metrics), "count/tokens")])
 
   def add(self, metrics: dict) -> None:
-    tokens, label_tokens = float(metrics["count/tokens"]), float(metrics["count/label_tokens"])
-    self.tokens += tokens
-    self.label_tokens += label_tokens
     self.opt_step = int(metrics["opt_step"])  # the same in every batch of one evaluation
     for key, value in metrics.items():
-      if key in _NOT_AVERAGED or key.startswith("count/") or key.startswith("nonfinite/"):
-        continue
-      weight = label_tokens if key in _LABEL_WEIGHTED else tokens
-      self.sums[key] = self.sums.get(key, 0.0) + float(value) * weight
+      if key.startswith("count/"):
+        self.counts[key] = self.counts.get(key, 0.0) + float(value)
+      elif key not in _NOT_AVERAGED and not key.startswith("nonfinite/"):
+        self.sums[key] = self.sums.get(key, 0.0) + float(value) * self._weight(key, metrics)
 
   def result(self) -> dict[str, float]:
-    out = {k: v / max(self.label_tokens if k in _LABEL_WEIGHTED else self.tokens, 1.0) for k, v in self.sums.items()}
+    out = {k: v / max(self._weight(k, self.counts), 1.0) for k, v in self.sums.items()}
     # The total is recomputed from its parts so that it equals their sum exactly.
     out["loss"] = sum(out[f"loss/{c}"] for c in COMPONENTS)
     for model in ("student", "teacher"):  # no teacher in plain LM training
       if f"{model}_lm_loss" in out:
-        out[f"{model}_ppl"] = math.exp(min(out[f"{model}_lm_loss"], 50.0))
+        out[f"{model}_ppl"] = _ppl(out[f"{model}_lm_loss"])
+    if "count/pairs" in self.counts:
+      per_student_token = self.sums["teacher_lm_loss"] / max(self.counts["count/label_tokens"], 1.0)
+      out["teacher_lm_loss_per_student_token"] = per_student_token
+      out["teacher_ppl_per_student_token"] = _ppl(per_student_token)
     out["opt_step"] = self.opt_step
-    out["count/tokens"] = self.tokens
-    out["count/label_tokens"] = self.label_tokens
+    out.update(self.counts)
     return out
+
+
+def _ppl(loss: float) -> float:
+  return math.exp(min(loss, 50.0))
 
 
 def log(message: str) -> None:
@@ -73,7 +90,10 @@ def debug_block(step: int, metrics: dict) -> str:
 def eval_block(step: int, metrics: dict) -> str:
   teacher = ""
   if "teacher_ppl" in metrics:
-    teacher = (f"  teacher ppl={metrics['teacher_ppl']:.2f}  KL(T=1)={metrics['kl_t1']:.4f}  "
+    own = metrics.get("teacher_ppl_per_student_token")
+    teacher = (f"  teacher ppl={metrics['teacher_ppl']:.2f}"
+               + (f" ({own:.2f} per student token)" if own is not None else "") +
+               f"  KL(T=1)={metrics['kl_t1']:.4f}  "
                f"top-1 agreement={metrics['top1_agreement']:.3f}")
   return (f"[EVAL] step {step}: loss={metrics['loss']:.4f}  student ppl={metrics['student_ppl']:.2f} "
           f"(lm {metrics['student_lm_loss']:.4f}){teacher}  over {metrics['count/tokens']:.0f} tokens")

@@ -17,6 +17,7 @@ from jax import dtypes
 
 from jaxdistill import cross_vocab, curriculum, losses, router
 from jaxdistill.curriculum import CurriculumConfig
+from jaxdistill.errors import ConfigError
 from jaxdistill.router import RouterConfig
 from jaxdistill.models import ModelConfig, forward
 
@@ -70,7 +71,9 @@ class ObjectiveConfig:
       return self
     pairs = self.attention_pairs or ((student.num_layers - 1, teacher.num_layers - 1),)
     layer_map = self.layer_map or losses.uniform_layer_map(student.num_layers, teacher.num_layers)
-    experts = self.expert_layers or router.expert_layers(teacher.num_layers, self.router.num_experts)
+    routing = self._resolve_router(teacher)
+    experts = () if routing.experts == "moe" else (
+        self.expert_layers or router.expert_layers(teacher.num_layers, self.router.num_experts))
     for s, t in pairs:
       if not (0 <= s < student.num_layers and 0 <= t < teacher.num_layers):
         raise ValueError(f"attention pair ({s}, {t}) is outside the student's 0..{student.num_layers - 1} "
@@ -79,11 +82,28 @@ class ObjectiveConfig:
       if not (0 <= s <= student.num_layers and 0 <= t <= teacher.num_layers):
         raise ValueError(f"layer pair ({s}, {t}) is outside hidden_states 0..{student.num_layers} (student) "
                          f"or 0..{teacher.num_layers} (teacher)")
-    if len(experts) != self.router.num_experts or not all(1 <= e <= teacher.num_layers for e in experts):
+    if routing.experts == "blocks" and (len(experts) != self.router.num_experts
+                                        or not all(1 <= e <= teacher.num_layers for e in experts)):
       raise ValueError(f"expert_layers {experts} must list {self.router.num_experts} teacher layers in "
                        f"1..{teacher.num_layers}")
     return dataclasses.replace(self, attention_pairs=tuple(pairs), layer_map=tuple(layer_map),
-                               expert_layers=tuple(experts))
+                               expert_layers=tuple(experts), router=routing)
+
+  def _resolve_router(self, teacher: ModelConfig) -> RouterConfig:
+    """`router.experts` decided ('moe' or 'blocks') and, with 'moe', the block and the teacher's expert count."""
+    r = self.router
+    moe = r.experts == "moe" or (r.experts == "auto" and teacher.num_experts > 0 and not self.expert_layers)
+    if not moe:
+      return dataclasses.replace(r, experts="blocks")
+    if not teacher.sparse_layers:
+      raise ConfigError("router.experts", r.experts, "'blocks' or 'auto': the teacher has no routed experts")
+    layer = teacher.sparse_layers[-1] if r.moe_layer < 0 else r.moe_layer
+    if not teacher.is_sparse_layer(layer):
+      raise ConfigError("router.moe_layer", r.moe_layer, f"-1 or one of the teacher's sparse blocks "
+                        f"{', '.join(map(str, teacher.sparse_layers))}")
+    return dataclasses.replace(r, experts="moe", moe_layer=layer, num_experts=teacher.num_experts,
+                               top_k_start=min(r.top_k_start, teacher.num_experts),
+                               top_k_end=min(r.top_k_end, teacher.num_experts))
 
 
 class DistillHeads(nn.Module):
@@ -165,9 +185,15 @@ def _requests(cfg: ObjectiveConfig):
 
 
 def _router_requests(cfg: ObjectiveConfig, student: ModelConfig):
+  """(student, teacher) blocks whose attention maps the router's attention alignment reads."""
   if not cfg.enabled("routing_attention_alignment"):
     return (), ()
-  return (student.num_layers - 1,), tuple(e - 1 for e in cfg.expert_layers)
+  return (student.num_layers - 1,), _expert_blocks(cfg)
+
+
+def _expert_blocks(cfg: ObjectiveConfig) -> tuple[int, ...]:
+  """The teacher blocks behind the router's experts: the MoE block, or the blocks of `expert_layers`."""
+  return (cfg.router.moe_layer,) if cfg.router.experts == "moe" else tuple(e - 1 for e in cfg.expert_layers)
 
 
 def run_models(student_params, teacher_params, batch, cfg: ObjectiveConfig, student: ModelConfig,
@@ -185,8 +211,9 @@ def run_models(student_params, teacher_params, batch, cfg: ObjectiveConfig, stud
   student_maps = dict(zip(student_attn, student_out.attentions))
   if teacher is None:
     return student_out, student_maps, None, {}
+  moe_experts = (cfg.router.moe_layer,) if cfg.enabled("routing_feature") and cfg.router.experts == "moe" else ()
   teacher_out = forward(teacher_params, teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
-                        output_hidden_states=needs_states, attention_layers=teacher_attn)
+                        output_hidden_states=needs_states, attention_layers=teacher_attn, expert_layers=moe_experts)
   teacher_out = jax.lax.stop_gradient(teacher_out)
   return student_out, student_maps, teacher_out, dict(zip(teacher_attn, teacher_out.attentions))
 
@@ -282,7 +309,10 @@ def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: Object
         lambda s, t, valid: losses.contrastive_loss(s, t, temperature=cfg.contrastive_temperature, valid_B=valid),
         (heads_out["contrastive"], teacher_pooled, jnp.any(mask_BxL > 0, axis=1)))
   if cfg.enabled("routing_feature"):
-    experts = router.normalized_experts([at_teacher(teacher_out.hidden_states[e]) for e in cfg.expert_layers])
+    if cfg.router.experts == "moe":  # every routed expert's output [B, Lt, E, D] -> [E, B, A, D]
+      experts = router.normalized_experts(jnp.moveaxis(at_teacher(teacher_out.expert_outputs[0]), 2, 0))
+    else:
+      experts = router.normalized_experts([at_teacher(teacher_out.hidden_states[e]) for e in cfg.expert_layers])
     gate_logits, routed = at_student(heads_out["gate_logits"]), at_student(heads_out["routed"])
 
     def routing_feature(gate_logits, routed, mask, experts, top_k, temperature):
@@ -300,7 +330,7 @@ def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: Object
 
     terms["routing_attention_alignment"] = (routing_alignment, (
         at_student(heads_out["gate_logits"]), student_attention(student_maps[student.num_layers - 1]),
-        [teacher_attention(teacher_maps[e - 1]) for e in cfg.expert_layers], pairs_BxA, top_k, gate_temperature))
+        [teacher_attention(teacher_maps[b]) for b in _expert_blocks(cfg)], pairs_BxA, top_k, gate_temperature))
 
   metrics, total = {}, jnp.zeros((), jnp.float32)
   for index, component in enumerate(COMPONENTS):

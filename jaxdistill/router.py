@@ -1,8 +1,8 @@
 """Student-aware router over E teacher "experts" and its three losses.
 
 The router reads a student hidden state and produces, per token, a gate over E teacher experts:
-real MoE expert outputs when the teacher has them, otherwise the outputs of E evenly spaced
-teacher blocks. Because the gate is computed from the *student's* state and trained with the
+the routed experts of one block of a mixture-of-experts teacher (every expert's output on every
+token, not only the ones the teacher chose), otherwise the outputs of E evenly spaced teacher blocks. Because the gate is computed from the *student's* state and trained with the
 student, it learns which teacher representation this student can use at each token. Its top-k
 grows and its gate temperature anneals with training progress (step-indexed schedules).
 """
@@ -16,9 +16,15 @@ import jax.numpy as jnp
 from jaxdistill import losses
 
 
+EXPERT_SOURCES = ("auto", "moe", "blocks")
+
+
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
-  num_experts: int = 4
+  experts: str = "auto"            # moe: the routed experts of a mixture-of-experts teacher's block; blocks: E
+                                   # evenly spaced teacher blocks; auto: moe for an MoE teacher, else blocks
+  moe_layer: int = -1              # the teacher block whose experts are routed (moe); -1: its last sparse block
+  num_experts: int = 4             # E with blocks (with moe: the teacher's expert count)
   top_k_start: int = 1             # experts mixed per token at the start of training...
   top_k_end: int = 2               # ...and at the end (linear in progress, rounded)
   temperature_start: float = 2.0   # gate softmax temperature at the start...
@@ -67,8 +73,9 @@ def gates(gate_logits_BxLxE: jax.Array, top_k: jax.Array, temperature: jax.Array
 
 
 def normalized_experts(expert_states_ExBxLxD) -> jax.Array:
-  """Each expert state divided by its per-token RMS, so experts of any scale weigh the same."""
-  x = jax.lax.stop_gradient(jnp.stack(expert_states_ExBxLxD)).astype(jnp.float32)
+  """Each expert state ([E, B, L, D], or E states [B, L, D]) divided by its per-token RMS, so experts of
+  any scale weigh the same."""
+  x = jax.lax.stop_gradient(jnp.stack(list(expert_states_ExBxLxD))).astype(jnp.float32)
   return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
 
 
@@ -110,9 +117,12 @@ def attention_alignment_loss(student_BxHxLxL, expert_maps, gates_BxLxE, mask_BxL
   distribution, and the gates sum to 1, so the target can neither vanish nor be scaled down: the
   loss is 0 only when the student's head-averaged attention equals a mix of real teacher attention
   patterns. The gate gradient moves each token toward the experts whose attention the student can
-  follow.
+  follow. The routed experts of one MoE block share that block's attention: one map, the target.
   """
-  expert_ExBxLxL = jnp.stack([m.astype(jnp.float32).mean(axis=1) for m in expert_maps])
-  target_BxLxL = jnp.einsum("bqe,ebqk->bqk", gates_BxLxE, jax.lax.stop_gradient(expert_ExBxLxL))
+  expert_ExBxLxL = jax.lax.stop_gradient(jnp.stack([m.astype(jnp.float32).mean(axis=1) for m in expert_maps]))
+  if len(expert_maps) == 1:  # the experts of one MoE block share its attention: the mix is that map
+    target_BxLxL = jnp.sum(gates_BxLxE, axis=-1)[..., None] * expert_ExBxLxL[0]
+  else:
+    target_BxLxL = jnp.einsum("bqe,ebqk->bqk", gates_BxLxE, expert_ExBxLxL)
   student_Bx1xLxL = student_BxHxLxL.astype(jnp.float32).mean(axis=1, keepdims=True)
   return losses.attention_rows_kl(target_BxLxL[:, None], student_Bx1xLxL, mask_BxL)  # the target keeps its gradient

@@ -19,7 +19,7 @@ from jaxdistill.models.config import DTYPES, MOE_FAMILIES, SUPPORTED_FAMILIES, M
 from jaxdistill.monitor import MonitorConfig
 from jaxdistill.objective import COMPONENTS, ObjectiveConfig
 from jaxdistill.optim import OptimConfig
-from jaxdistill.router import RouterConfig
+from jaxdistill.router import EXPERT_SOURCES, RouterConfig
 from jaxdistill.tokenizer import BYTE_TOKENIZER
 
 EVAL_METRICS = ("student_lm_loss", "loss", "kl_t1", "raw/kd", "raw/lm")
@@ -38,6 +38,12 @@ class ArchSpec:
   intermediate_size: int
   max_position_embeddings: int
   tie_word_embeddings: bool
+  # Mixture of experts, read by the MoE families only (see `config.arch_group`).
+  num_experts: int = 0               # 0: dense
+  num_experts_per_tok: int = 2
+  moe_intermediate_size: int = 0     # 0: intermediate_size
+  norm_topk_prob: bool = True
+  decoder_sparse_step: int = 1
 
   def model_config(self, vocab_size: int, param_dtype: str, dtype: str) -> ModelConfig:
     """The architecture with the family's transformers defaults for everything not sized here."""
@@ -50,13 +56,23 @@ class ArchSpec:
           norm="layer", norm_eps=1e-5, activation="gelu_new", gated_mlp=False, rope=None, qkv_bias=True,
           o_bias=True, mlp_bias=True, tie_word_embeddings=self.tie_word_embeddings,
           param_dtype=param_dtype, dtype=dtype)
+    mixtral = self.family == "mixtral"  # transformers' MixtralConfig: rms_norm_eps 1e-5, rope_theta 1e6
     return ModelConfig(
         family=self.family, vocab_size=vocab, hidden_size=self.hidden_size, num_layers=self.num_layers,
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.hidden_size // self.num_heads,
         intermediate_size=self.intermediate_size, max_position_embeddings=self.max_position_embeddings,
-        norm="rms", norm_eps=1e-6, activation="silu", gated_mlp=True, rope=RopeConfig(theta=10000.0),
-        qkv_bias=self.family == "qwen2", qk_norm=self.family == "qwen3",
-        tie_word_embeddings=self.tie_word_embeddings, param_dtype=param_dtype, dtype=dtype)
+        norm="rms", norm_eps=1e-5 if mixtral else 1e-6, activation="silu", gated_mlp=True,
+        rope=RopeConfig(theta=1e6 if mixtral else 10000.0), qkv_bias=self.family == "qwen2",
+        qk_norm=self.family in ("qwen3", "qwen3_moe"), tie_word_embeddings=self.tie_word_embeddings,
+        param_dtype=param_dtype, dtype=dtype, **self._expert_fields())
+
+  def _expert_fields(self) -> dict:
+    """ModelConfig's expert fields: none for the dense families (their MoE settings are ignored)."""
+    if self.family not in MOE_FAMILIES:
+      return {}
+    return dict(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+                moe_intermediate_size=self.moe_intermediate_size or self.intermediate_size,
+                norm_topk_prob=self.norm_topk_prob, decoder_sparse_step=self.decoder_sparse_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +154,7 @@ class Config:
   teacher: ModelSpec
   student: ModelSpec
   tokenizer: str      # HF id/dir, or 'byte'; '' uses the student's checkpoint
+  teacher_tokenizer: str  # the teacher's where it differs; '' uses the teacher checkpoint's (or `tokenizer`)
   data: DataConfig
   objective: ObjectiveConfig   # layer pairs unresolved and total_steps 0 until the data is known
   optim: OptimConfig
@@ -174,8 +191,7 @@ def _positive_int(node, field: str, where: str, minimum: int = 1) -> int:
 
 
 def _arch(node, where: str) -> ArchSpec:
-  # Random mixture-of-experts models are not sized here (no expert fields): they load from checkpoints.
-  family = _choice(node, "family", where, tuple(f for f in SUPPORTED_FAMILIES if f not in MOE_FAMILIES))
+  family = _choice(node, "family", where, SUPPORTED_FAMILIES)
   spec = ArchSpec(
       family=family,
       vocab_size=_positive_int(node, "vocab_size", where, minimum=0),
@@ -185,14 +201,42 @@ def _arch(node, where: str) -> ArchSpec:
       num_kv_heads=_positive_int(node, "num_kv_heads", where),
       intermediate_size=_positive_int(node, "intermediate_size", where),
       max_position_embeddings=_positive_int(node, "max_position_embeddings", where),
-      tie_word_embeddings=bool(_get(node, "tie_word_embeddings", where)))
+      tie_word_embeddings=bool(_get(node, "tie_word_embeddings", where)),
+      num_experts=_positive_int(node, "num_experts", where, minimum=0),
+      num_experts_per_tok=_positive_int(node, "num_experts_per_tok", where),
+      moe_intermediate_size=_positive_int(node, "moe_intermediate_size", where, minimum=0),
+      norm_topk_prob=bool(_get(node, "norm_topk_prob", where)),
+      decoder_sparse_step=_positive_int(node, "decoder_sparse_step", where))
   if spec.hidden_size % spec.num_heads:
     raise ConfigError(f"{where}.num_heads", spec.num_heads, f"a divisor of hidden_size={spec.hidden_size}")
   if family != "gpt2" and spec.num_heads % spec.num_kv_heads:
     raise ConfigError(f"{where}.num_kv_heads", spec.num_kv_heads, f"a divisor of num_heads={spec.num_heads}")
   if family != "gpt2" and (spec.hidden_size // spec.num_heads) % 2:
     raise ConfigError(f"{where}.num_heads", spec.num_heads, "a value giving an even head_dim (rotary embeddings)")
+  _arch_experts(spec, where)
   return spec
+
+
+def _arch_experts(spec: ArchSpec, where: str) -> None:
+  """Experts for the MoE families only, in settings transformers builds (Mixtral: every block, renormalised)."""
+  family = spec.family
+  if family not in MOE_FAMILIES:
+    _check(spec.num_experts == 0, where, "num_experts", spec.num_experts,
+           f"0 for the dense family {family} (experts need family {' or '.join(MOE_FAMILIES)})")
+    return
+  _check(spec.num_experts >= 1, where, "num_experts", spec.num_experts, f"an integer >= 1 for the MoE family {family}")
+  _check(spec.num_experts_per_tok <= spec.num_experts, where, "num_experts_per_tok", spec.num_experts_per_tok,
+         f"an integer in 1..num_experts={spec.num_experts}")
+  _check(spec.decoder_sparse_step <= spec.num_layers, where, "decoder_sparse_step", spec.decoder_sparse_step,
+         f"an integer in 1..num_layers={spec.num_layers} (a larger step leaves no sparse block)")
+  if family == "mixtral":
+    _check(spec.norm_topk_prob, where, "norm_topk_prob", spec.norm_topk_prob,
+           "True for mixtral (it always renormalises its top-k router weights)")
+    _check(spec.decoder_sparse_step == 1, where, "decoder_sparse_step", spec.decoder_sparse_step,
+           "1 for mixtral (every block is sparse)")
+    _check(spec.moe_intermediate_size in (0, spec.intermediate_size), where, "moe_intermediate_size",
+           spec.moe_intermediate_size,
+           f"0 or intermediate_size={spec.intermediate_size} for mixtral (its experts are intermediate_size wide)")
 
 
 def _model(node, where: str) -> ModelSpec:
@@ -272,6 +316,8 @@ def _objective(cfg, total_steps: int, mode: str) -> ObjectiveConfig:
     c = lm_only(c)
 
   r = RouterConfig(**_group(_get(cfg, "router", ""), RouterConfig, "router"))
+  _check(r.experts in EXPERT_SOURCES, "router", "experts", r.experts, f"one of {', '.join(EXPERT_SOURCES)}")
+  _check(r.moe_layer >= -1, "router", "moe_layer", r.moe_layer, "-1 (the last sparse block) or a block index >= 0")
   _check(r.num_experts >= 1, "router", "num_experts", r.num_experts, "an integer >= 1")
   for field in ("top_k_start", "top_k_end"):
     _check(1 <= getattr(r, field) <= r.num_experts, "router", field, getattr(r, field),
@@ -313,6 +359,9 @@ def parse(cfg: ml_collections.ConfigDict) -> Config:
   if not tokenizer and not student.name_or_path:
     raise ConfigError("tokenizer", tokenizer,
                       f"a tokenizer id or directory, or '{BYTE_TOKENIZER}', when the student has no checkpoint")
+  teacher_tokenizer = _get(cfg, "teacher_tokenizer", "")
+  _check(isinstance(teacher_tokenizer, str), "", "teacher_tokenizer", teacher_tokenizer,
+         "a tokenizer id or directory, or '' for the teacher checkpoint's own")
   optim = _optim(cfg)
   mode = _choice(cfg, "mode", "", MODES)
   teacher = _model(_get(cfg, "teacher", ""), "teacher")
@@ -322,6 +371,7 @@ def parse(cfg: ml_collections.ConfigDict) -> Config:
       teacher=teacher,
       student=student,
       tokenizer=tokenizer,
+      teacher_tokenizer=teacher_tokenizer,
       data=_data(cfg),
       objective=_objective(cfg, optim.total_steps, mode),
       optim=optim,

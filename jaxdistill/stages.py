@@ -45,7 +45,11 @@ def teacher_config(cfg: Config) -> Config:
   """The plain-LM run that trains the teacher's architecture for `stages.teacher_steps` steps."""
   lm = plain_lm(cfg, student=cfg.teacher)
   learning_rate = cfg.stages.teacher_learning_rate or cfg.optim.learning_rate
-  return dataclasses.replace(lm, optim=dataclasses.replace(cfg.optim, learning_rate=learning_rate),
+  # The teacher learns in its own tokens: its tokenizer where it has one, else the run's.
+  tokenizer = cfg.teacher_tokenizer or cfg.tokenizer or cfg.student.name_or_path
+  data = dataclasses.replace(cfg.data, seq_len=cfg.data.teacher_len, teacher_seq_len=0)  # rows of its tokens
+  return dataclasses.replace(lm, tokenizer=tokenizer, teacher_tokenizer="", data=data,
+                             optim=dataclasses.replace(cfg.optim, learning_rate=learning_rate),
                              train=dataclasses.replace(lm.train, max_steps=cfg.stages.teacher_steps,
                                                        early_stopping_patience=0))
 
@@ -93,13 +97,17 @@ def with_teacher(cfg: Config, path: str) -> Config:
 
 def comparison(distilled: dict, scratch: dict, tokens_per_step: int) -> dict:
   """Held-out perplexities and the fraction of the scratch-to-teacher gap that distillation closed."""
-  teacher_ppl, scratch_ppl, distilled_ppl = distilled["teacher_ppl"], scratch["student_ppl"], distilled["student_ppl"]
+  # A teacher with its own tokenizer is measured per student token over the same text, like the students.
+  own_tokens = "teacher_ppl_per_student_token" in distilled
+  suffix = "_per_student_token" if own_tokens else ""
+  teacher_ppl, scratch_ppl, distilled_ppl = (distilled[f"teacher_ppl{suffix}"], scratch["student_ppl"],
+                                             distilled["student_ppl"])
   gap = scratch_ppl - teacher_ppl
   return {
-      "eval_tokens": int(distilled["count/tokens"]),
+      "eval_tokens": int(distilled["count/tokens"]), "teacher_tokenizer": own_tokens,
       "steps": int(distilled["opt_step"]), "train_tokens": int(distilled["opt_step"]) * tokens_per_step,
       "teacher_ppl": teacher_ppl, "scratch_ppl": scratch_ppl, "distilled_ppl": distilled_ppl,
-      "teacher_lm_loss": distilled["teacher_lm_loss"], "scratch_lm_loss": scratch["student_lm_loss"],
+      "teacher_lm_loss": distilled[f"teacher_lm_loss{suffix}"], "scratch_lm_loss": scratch["student_lm_loss"],
       "distilled_lm_loss": distilled["student_lm_loss"],
       # Undefined when the scratch student is already as good as the teacher.
       "gap_closed": (scratch_ppl - distilled_ppl) / gap if gap > 0 else None,
@@ -110,10 +118,11 @@ def comparison_table(c: dict) -> str:
   """The comparison as a Markdown table plus one line on the gap."""
   gap = "n/a (the scratch student is not worse than the teacher)" if c["gap_closed"] is None else \
       f"{c['gap_closed']:.1%}"
+  teacher = "teacher (own tokenizer; its loss per student token)" if c.get("teacher_tokenizer") else "teacher"
   return "\n".join([
       "| model | held-out perplexity | held-out LM loss (nats/token) |",
       "| --- | ---: | ---: |",
-      f"| teacher | {c['teacher_ppl']:.2f} | {c['teacher_lm_loss']:.4f} |",
+      f"| {teacher} | {c['teacher_ppl']:.2f} | {c['teacher_lm_loss']:.4f} |",
       f"| scratch student | {c['scratch_ppl']:.2f} | {c['scratch_lm_loss']:.4f} |",
       f"| distilled student | {c['distilled_ppl']:.2f} | {c['distilled_lm_loss']:.4f} |",
       "",

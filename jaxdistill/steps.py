@@ -71,8 +71,9 @@ def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup
   Plain metrics: student and teacher LM loss and perplexity, KL(teacher || student) at T = 1 over
   the full vocabulary, and top-1 agreement (the student's alone with no teacher); with two
   tokenizers KL is the cross-vocabulary kd at T = 1 and agreement compares tokens by their bytes,
-  both over aligned pairs (each model's LM loss stays per its own tokens). `count/tokens` (KD tokens)
-  and `count/label_tokens` (LM targets) let the caller form token-weighted means over a whole split.
+  both over aligned pairs (each model's LM loss stays per its own tokens). `count/tokens` (KD tokens),
+  `count/label_tokens` (LM targets), `count/teacher_label_tokens` and, with two tokenizers, `count/pairs`
+  let the caller form token-weighted means over a whole split (`metrics.EvalReducer`).
   """
   cfg, student, teacher = setup.objective, setup.student, setup.teacher
   models_out = run_models(state.params["student"], teacher_params, batch, cfg, student, teacher)
@@ -89,10 +90,14 @@ def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup
   })
   if teacher is None:
     return metrics
-  teacher_lm = losses.lm_loss(teacher_out.logits_BxLxV, *losses.next_token_labels(
-      batch["teacher_input_ids"], batch["teacher_attention_mask"]), chunk_size=cfg.chunk_size)
-  metrics.update({"teacher_lm_loss": teacher_lm, "teacher_ppl": jnp.exp(teacher_lm)})
+  teacher_labels_BxL, teacher_label_mask_BxL = losses.next_token_labels(batch["teacher_input_ids"],
+                                                                        batch["teacher_attention_mask"])
+  teacher_lm = losses.lm_loss(teacher_out.logits_BxLxV, teacher_labels_BxL, teacher_label_mask_BxL,
+                              chunk_size=cfg.chunk_size)
+  metrics.update({"teacher_lm_loss": teacher_lm, "teacher_ppl": jnp.exp(teacher_lm),
+                  "count/teacher_label_tokens": jnp.sum(teacher_label_mask_BxL.astype(jnp.float32))})
   if "align_mask" in batch:
+    metrics["count/pairs"] = jnp.sum(batch["align_mask"].astype(jnp.float32))
     at_s = cross_vocab.gather_positions(student_out.logits_BxLxV, batch["align_student"])
     at_t = cross_vocab.gather_positions(teacher_out.logits_BxLxV, batch["align_teacher"])
     pairs_BxA = batch["align_mask"]

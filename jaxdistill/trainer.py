@@ -19,7 +19,9 @@ from tqdm import tqdm
 from jaxdistill import checkpoint as ckpt
 from jaxdistill import config as config_lib
 from jaxdistill import metrics as metrics_lib
-from jaxdistill.build import build_model, build_tokenizer, check_teacher_tokenizer
+from jaxdistill.build import (build_model, build_teacher_tokenizer, build_tokenizer, check_cross_vocab_objective,
+                              vocab_map)
+from jaxdistill.data.alignment import vocab_size
 from jaxdistill.data.pipeline import DataPipeline
 from jaxdistill.errors import JaxDistillError
 from jaxdistill.metrics import log
@@ -143,14 +145,19 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   os.makedirs(workdir, exist_ok=True)
   distill = cfg.mode == "distill"  # otherwise plain LM training: no teacher at all
   tokenizer = build_tokenizer(cfg)
-  if distill:
-    check_teacher_tokenizer(cfg, tokenizer)
-  data = DataPipeline(cfg.data, tokenizer, cfg.seed, cache_dir=data_cache or os.path.join(workdir, "data_cache"))
+  teacher_tokenizer = build_teacher_tokenizer(cfg, tokenizer) if distill else None  # None: the same tokenizer
+  if teacher_tokenizer is not None:
+    check_cross_vocab_objective(cfg)
+  data = DataPipeline(cfg.data, tokenizer, cfg.seed, cache_dir=data_cache or os.path.join(workdir, "data_cache"),
+                      teacher_tokenizer=teacher_tokenizer)
   rng = jax.random.key(cfg.seed)
   teacher_rng, student_rng, heads_rng, state_rng = jax.random.split(rng, 4)
-  teacher = build_model(cfg.teacher, len(tokenizer), teacher_rng, "teacher") if distill else None
+  teacher = build_model(cfg.teacher, vocab_size(teacher_tokenizer or tokenizer), teacher_rng, "teacher") \
+      if distill else None
   teacher_config = teacher.config if distill else None
-  student = build_model(cfg.student, len(tokenizer), student_rng, "student")
+  student = build_model(cfg.student, vocab_size(tokenizer), student_rng, "student")
+  shared_tokens = None if teacher_tokenizer is None else vocab_map(tokenizer, teacher_tokenizer,
+                                                                   student.config.vocab_size)
 
   accumulation = cfg.optim.accumulation_steps
   steps_per_epoch = data.batches_per_epoch // accumulation
@@ -178,7 +185,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   best_metric = meta.get("best_metric")
   evals_without_improvement = meta.get("evals_without_improvement", 0)
 
-  train_step, eval_step = compile_steps(setup, teacher.params if distill else None)
+  train_step, eval_step = compile_steps(setup, teacher.params if distill else None, shared_tokens)
   micro_step = int(state.step)
   start_opt_step = micro_step // accumulation
   total_micro = total_steps * accumulation
@@ -282,7 +289,9 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
                                hf_config=student.hf_config, tokenizer=tokenizer)
   if distill:
     log(f"[DONE] student exported to {export_dir}\n"
-         f"  held-out perplexity: student {result['student_ppl']:.2f}, teacher {result['teacher_ppl']:.2f}")
+         f"  held-out perplexity: student {result['student_ppl']:.2f}, teacher "
+         f"{result.get('teacher_ppl_per_student_token', result['teacher_ppl']):.2f}"
+         + (" (its loss per student token)" if "teacher_ppl_per_student_token" in result else ""))
   else:
     log(f"[DONE] model exported to {export_dir}\n  held-out perplexity: {result['student_ppl']:.2f}")
   return result

@@ -13,7 +13,7 @@ import weakref
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from conftest import CountingTokenizer
@@ -21,7 +21,7 @@ from jaxdistill.data import DataConfig, DataPipeline, load_documents
 from jaxdistill.data.alignment import (ALIGNED_KEYS, AlignedTokens, align_documents, align_offsets, pack_aligned,
                                        token_boundaries, token_bytes, vocab_mapping)
 from jaxdistill.data.pipeline import split_documents, tokenize_documents
-from jaxdistill.tokenizer import byte_tokenizer
+from jaxdistill.tokenizer import byte_tokenizer, train_byte_level_bpe, train_sentencepiece_bpe
 
 SENTENCEPIECE_PIECES = (["<unk>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
                         + ["▁", "\n", "a", "b", "c", "e", "f", "i", "x", "▁a", "▁b", "\n\n"])
@@ -65,34 +65,13 @@ def docstrings():
 @pytest.fixture(scope="module")
 def byte_bpe(docstrings):
   """GPT-2 style: byte-level BPE, 400 tokens, '<|endoftext|>' id 0."""
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.train_from_iterator(docstrings, trainers.BpeTrainer(
-      vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"],
-      show_progress=False))
-  return wrap(tok, "<|endoftext|>")
+  return train_byte_level_bpe(docstrings, 400)
 
 
 @pytest.fixture(scope="module")
 def sentencepiece_bpe(docstrings):
   """SentencePiece-like: NFKC, metaspace, BPE over 70 characters (350 pieces) with byte fallback; 608 tokens."""
-  trained = Tokenizer(models.BPE())
-  trained.normalizer = normalizers.NFKC()
-  trained.pre_tokenizer = pre_tokenizers.Metaspace()
-  trained.train_from_iterator(docstrings, trainers.BpeTrainer(vocab_size=350, limit_alphabet=70,
-                                                              show_progress=False))
-  model = json.loads(trained.to_str())["model"]
-  vocab = {piece: i for i, piece in enumerate(SENTENCEPIECE_PIECES[:258])}
-  for piece in model["vocab"]:
-    vocab.setdefault(piece, len(vocab))
-  tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) for m in model["merges"]], byte_fallback=True,
-                             unk_token="<unk>"))
-  tok.normalizer = normalizers.NFKC()
-  tok.pre_tokenizer = pre_tokenizers.Metaspace()
-  tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(), decoders.Metaspace()])
-  tok.add_special_tokens(["<unk>", "</s>"])
-  return wrap(tok, "</s>", unk_token="<unk>")
+  return train_sentencepiece_bpe(docstrings, 608)
 
 
 _TABLES = weakref.WeakKeyDictionary()  # tokenizer -> (its token bytes, whether it prepends a metaspace)

@@ -3,6 +3,8 @@
 import dataclasses
 import glob
 
+import jax
+import numpy as np
 import pytest
 
 from conftest import FAMILY_CONFIGS, make_torch_model
@@ -14,7 +16,7 @@ CONFIG_FILES = sorted(glob.glob("configs/*.py"))
 
 
 def test_there_are_configs():
-  assert {"configs/cpu_demo.py", "configs/p100.py"} <= set(CONFIG_FILES)
+  assert {"configs/cpu_demo.py", "configs/p100.py", "configs/p100_same_tokenizer.py"} <= set(CONFIG_FILES)
 
 
 @pytest.mark.parametrize("arg", ["", ":smoke"])
@@ -26,17 +28,30 @@ def test_every_config_loads_locked_and_validates(path, arg):
   assert parsed.data.seq_len >= 2 and parsed.data.batch_size >= 1
   if arg == ":smoke":  # smoke forms must run offline: no checkpoint to download
     assert parsed.teacher.arch is not None and parsed.student.arch is not None
-    assert parsed.tokenizer == "byte"
+    assert parsed.tokenizer in ("byte", "bpe:400") and parsed.teacher_tokenizer in ("", "sp:600")
 
 
-def test_p100_pairs_smollm_checkpoints_without_bf16():
-  parsed = config_lib.parse(config_lib.load("configs/p100.py"))
-  assert parsed.teacher.name_or_path == "HuggingFaceTB/SmolLM-360M"
-  assert parsed.student.name_or_path == "HuggingFaceTB/SmolLM-135M"
+@pytest.mark.parametrize("path, teacher, teacher_seq_len", [
+    ("configs/p100.py", "checkpoints/qwen3-moe-1b", 576),                  # the seed pairing: two tokenizers
+    ("configs/p100_same_tokenizer.py", "HuggingFaceTB/SmolLM-360M", 0),    # one shared tokenizer
+])
+def test_p100_configs_pair_a_teacher_with_smollm_135m_without_bf16(path, teacher, teacher_seq_len):
+  parsed = config_lib.parse(config_lib.load(path))
+  assert parsed.teacher.name_or_path == teacher and parsed.student.name_or_path == "HuggingFaceTB/SmolLM-135M"
+  assert (parsed.tokenizer, parsed.teacher_tokenizer) == ("", "")  # each checkpoint's own tokenizer
   # The P100 has no bf16: fp32 master weights, fp16 compute (dynamic loss scaling), an fp16 teacher.
   assert (parsed.student.param_dtype, parsed.student.dtype) == ("float32", "float16")
   assert (parsed.teacher.param_dtype, parsed.teacher.dtype) == ("float16", "float16")
   assert parsed.data.seq_len == 512 and parsed.optim.accumulation_steps == 16 and parsed.train.epochs == 3
+  assert parsed.data.teacher_seq_len == teacher_seq_len
+
+
+def test_p100_smoke_pairs_a_tiny_moe_teacher_and_two_local_tokenizers():
+  parsed = config_lib.parse(config_lib.load("configs/p100.py:smoke"))
+  assert (parsed.tokenizer, parsed.teacher_tokenizer) == ("bpe:400", "sp:600")
+  arch = parsed.teacher.arch
+  assert (arch.family, arch.num_experts, arch.num_experts_per_tok) == ("qwen3_moe", 4, 2)
+  assert parsed.objective.router.experts == "auto"
 
 
 def test_override_changes_one_field():
@@ -64,10 +79,16 @@ def test_missing_config_file():
 @pytest.mark.parametrize("field, value, message", [
     ("student.dtype", "float64", r"'student.dtype' = 'float64' is not allowed: one of float32, bfloat16, float16"),
     ("teacher.param_dtype", "int8", r"'teacher.param_dtype' = 'int8' .* one of float32, bfloat16, float16"),
-    ("student.arch.family", "mamba", r"'student.arch.family' = 'mamba' .* one of llama, qwen2, qwen3, gpt2"),
+    ("student.arch.family", "mamba",
+     r"'student.arch.family' = 'mamba' .* one of llama, qwen2, qwen3, gpt2, qwen3_moe, mixtral$"),
     ("student.arch.num_heads", 3, r"'student.arch.num_heads' = 3 .* a divisor of hidden_size=32"),
     ("student.arch.num_kv_heads", 3, r"'student.arch.num_kv_heads' = 3 .* a divisor of num_heads=4"),
     ("student.arch.num_layers", 0, r"'student.arch.num_layers' = 0 .* an integer >= 1"),
+    ("student.arch.num_experts", 4, r"'student.arch.num_experts' = 4 .* 0 for the dense family llama \(experts need"),
+    ("student.arch.family", "qwen3_moe", r"'student.arch.num_experts' = 0 .* an integer >= 1 for the MoE family"),
+    ("student.arch.num_experts_per_tok", 0, r"'student.arch.num_experts_per_tok' = 0 .* an integer >= 1"),
+    ("student.arch.moe_intermediate_size", -1, r"'student.arch.moe_intermediate_size' = -1 .* an integer >= 0"),
+    ("student.arch.decoder_sparse_step", 0, r"'student.arch.decoder_sparse_step' = 0 .* an integer >= 1"),
     ("data.seq_len", 1, r"'data.seq_len' = 1 .* an integer >= 2"),
     ("data.batch_size", 0, r"'data.batch_size' = 0 .* an integer >= 1"),
     ("seed", -1, r"'seed' = -1 .* an integer >= 0"),
@@ -104,6 +125,24 @@ def test_stages_and_mode_must_agree(overrides, message):
     config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", overrides))
 
 
+@pytest.mark.parametrize("overrides, message", [
+    ({"student.arch.num_experts_per_tok": 5},
+     r"'student.arch.num_experts_per_tok' = 5 .* an integer in 1..num_experts=4$"),
+    ({"student.arch.decoder_sparse_step": 3},
+     r"'student.arch.decoder_sparse_step' = 3 .* an integer in 1..num_layers=2 \(a larger step leaves no sparse block"),
+    ({"student.arch.family": "mixtral", "student.arch.norm_topk_prob": False},
+     r"'student.arch.norm_topk_prob' = False .* True for mixtral \(it always renormalises"),
+    ({"student.arch.family": "mixtral", "student.arch.decoder_sparse_step": 2},
+     r"'student.arch.decoder_sparse_step' = 2 .* 1 for mixtral \(every block is sparse\)$"),
+    ({"student.arch.family": "mixtral", "student.arch.moe_intermediate_size": 16},
+     r"'student.arch.moe_intermediate_size' = 16 .* 0 or intermediate_size=64 for mixtral"),
+])
+def test_bad_expert_settings_name_field_value_and_allowed(overrides, message):
+  moe_student = {"student.arch.family": "qwen3_moe", "student.arch.num_experts": 4}
+  with pytest.raises(ConfigError, match=message):
+    config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", {**moe_student, **overrides}))
+
+
 def test_lm_mode_weighs_only_the_lm_term():
   cfg = config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", {
       "mode": "lm", "stages.teacher_steps": 0, "stages.scratch_baseline": False}))
@@ -127,7 +166,8 @@ def test_the_teacher_cache_key_follows_what_the_weights_depend_on(tmp_path):
   assert directory(**{"curriculum.kd": (0.5, 0.5, 0.5), "train.max_steps": 99, "student.arch.hidden_size": 64}) == base
   # Its architecture, data, seed, steps and optimizer do.
   for override in ({"teacher.arch.num_layers": 3}, {"data.seq_len": 64}, {"seed": 1}, {"stages.teacher_steps": 9},
-                   {"stages.teacher_learning_rate": 1e-3}, {"optim.warmup_steps": 7}):
+                   {"stages.teacher_learning_rate": 1e-3}, {"optim.warmup_steps": 7},
+                   {"teacher.arch.family": "qwen3_moe", "teacher.arch.num_experts": 4}):
     assert directory(**override) != base, override
 
 
@@ -163,6 +203,65 @@ def test_arch_builds_the_family_transformers_defines(family, expected):
     kwargs.update(intermediate_size=64, num_key_value_heads=2, head_dim=8)
   reference = models.from_hf_config(transformers.AutoConfig.for_model(family, **kwargs).to_dict())
   assert dataclasses.replace(reference, param_dtype="float32", dtype="bfloat16") == cfg
+
+
+@pytest.mark.parametrize("family, experts, hf_experts, expected", [
+    # Defaults: experts as wide as intermediate_size, top-k renormalised, every block sparse.
+    ("qwen3_moe", {}, dict(moe_intermediate_size=64, norm_topk_prob=True),
+     dict(qk_norm=True, norm_eps=1e-6, moe_intermediate_size=64, sparse_layers=(0, 1))),
+    ("qwen3_moe", dict(moe_intermediate_size=16, norm_topk_prob=False, decoder_sparse_step=2),
+     dict(moe_intermediate_size=16, norm_topk_prob=False, decoder_sparse_step=2),
+     dict(norm_topk_prob=False, moe_intermediate_size=16, sparse_layers=(1,))),
+    ("mixtral", {}, {}, dict(qk_norm=False, qkv_bias=False, norm_eps=1e-5, norm_topk_prob=True,
+                             moe_intermediate_size=64, sparse_layers=(0, 1))),
+])
+def test_moe_arch_builds_the_family_transformers_defines(family, experts, hf_experts, expected):
+  arch = config_lib.ArchSpec(family=family, vocab_size=0, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                             intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=True,
+                             num_experts=4, num_experts_per_tok=2, **experts)
+  cfg = arch.model_config(vocab_size=300, param_dtype="float32", dtype="bfloat16")
+  assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.intermediate_size) == (4, 2, 64)
+  for key, value in expected.items():
+    assert getattr(cfg, key) == value, key
+  assert cfg.rope.theta == (1e6 if family == "mixtral" else 10000.0)
+  # The same architecture as transformers builds it from these sizes with its own defaults.
+  import transformers
+  kwargs = dict(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=True,
+                num_experts_per_tok=2, **hf_experts)
+  kwargs["num_local_experts" if family == "mixtral" else "num_experts"] = 4
+  reference = models.from_hf_config(transformers.AutoConfig.for_model(family, **kwargs).to_dict())
+  assert dataclasses.replace(reference, param_dtype="float32", dtype="bfloat16") == cfg
+
+
+@pytest.mark.parametrize("arch, sparse_layers, expert_width", [
+    (dict(family="qwen3_moe", num_experts=4, moe_intermediate_size=16, decoder_sparse_step=2), (1,), 16),
+    (dict(family="mixtral", num_experts=4), (0, 1), 64),
+])
+def test_random_moe_arch_initialises_and_returns_router_logits(arch, sparse_layers, expert_width):
+  from jaxdistill import build
+  from jaxdistill.models import transformer
+  overrides = {f"student.arch.{field}": value for field, value in arch.items()}
+  cfg = config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", overrides))
+  model = build.build_model(cfg.student, 300, jax.random.PRNGKey(0), "student")
+  assert model.config.sparse_layers == sparse_layers
+  assert models.from_hf_config(model.hf_config) == model.config   # the export describes the same model
+  first = f"layers_{sparse_layers[0]}"
+  mlp = model.params[first]["mlp"]
+  assert (mlp["gate"].shape, mlp["down"].shape, mlp["router"]["kernel"].shape) == (
+      (4, 32, expert_width), (4, expert_width, 32), (32, 4))
+  ids_BxL = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, 300)
+  out = transformer.forward(model.params, model.config, ids_BxL, output_router_logits=True)
+  assert out.logits_BxLxV.shape == (2, 8, 300) and np.isfinite(np.asarray(out.logits_BxLxV)).all()
+  assert [r.shape for r in out.router_logits] == [(2, 8, 4)] * len(sparse_layers)
+  router_BxLxE = np.asarray(out.router_logits[0])
+  assert np.isfinite(router_BxLxE).all() and router_BxLxE.std() > 1e-3   # a real, initialised router
+  # The router is linear without bias, and its layer's input does not depend on it: doubling the first sparse
+  # layer's router kernel doubles exactly the logits it returns.
+  doubled_mlp = {**mlp, "router": {"kernel": 2 * mlp["router"]["kernel"]}}
+  doubled = {**model.params, first: {**model.params[first], "mlp": doubled_mlp}}
+  router2_BxLxE = transformer.forward(doubled, model.config, ids_BxL, output_router_logits=True).router_logits[0]
+  np.testing.assert_allclose(np.asarray(router2_BxLxE), 2 * router_BxLxE, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(FAMILY_CONFIGS))

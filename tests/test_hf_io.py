@@ -182,9 +182,10 @@ def test_unsupported_rope_scaling(hf_checkpoints):
     models.from_hf_config(hf)
 
 
-def test_a_teacher_with_another_tokenizer_is_refused(hf_checkpoints, tmp_path):
+def test_a_teacher_checkpoint_with_another_tokenizer_brings_it(hf_checkpoints, tmp_path):
   from jaxdistill import config as config_lib
-  from jaxdistill.build import check_teacher_tokenizer
+  from jaxdistill.build import build_teacher_tokenizer, check_cross_vocab_objective
+  from jaxdistill.errors import ConfigError
   from tokenizers import Tokenizer, models as tok_models
   from transformers import PreTrainedTokenizerFast
 
@@ -193,7 +194,10 @@ def test_a_teacher_with_another_tokenizer_is_refused(hf_checkpoints, tmp_path):
   other.save_pretrained(teacher_dir)
   cfg = config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", {"teacher.name_or_path": teacher_dir,
                                                                          "stages.teacher_steps": 0}))
-  with pytest.raises(ModelLoadError, match=r"teacher's tokenizer \(3 tokens\) differs from the run's \(257 tokens\)"):
-    check_teacher_tokenizer(cfg, byte_tokenizer())
-  byte_tokenizer().save_pretrained(teacher_dir)  # the same vocabulary: accepted
-  check_teacher_tokenizer(cfg, byte_tokenizer())
+  assert build_teacher_tokenizer(cfg, byte_tokenizer()).get_vocab() == {"a": 0, "b": 1, "[UNK]": 2}
+  with pytest.raises(ConfigError, match=r"'distill.kd_mode' = 'jsd' .* forward_kl when the teacher's tokenizer"):
+    check_cross_vocab_objective(dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, kd_mode="jsd")))
+  # `teacher_tokenizer` overrides the checkpoint's; one equal to the run's means a single tokenizer.
+  assert build_teacher_tokenizer(dataclasses.replace(cfg, teacher_tokenizer="byte"), byte_tokenizer()) is None
+  byte_tokenizer().save_pretrained(teacher_dir)  # the same vocabulary
+  assert build_teacher_tokenizer(cfg, byte_tokenizer()) is None

@@ -38,3 +38,17 @@ def test_debug_block_shows_raw_weight_weighted_and_checks_the_sum():
   assert block.splitlines()[0] == "[TRAIN DEBUG] step 100"
   assert "sum of weighted = 8   total loss = 8   (match)" in block
   assert "MISMATCH" in debug_block(100, metrics | {"loss": 9.0})
+
+
+def test_two_tokenizer_eval_weights_teacher_and_pair_metrics_by_their_own_counts():
+  reducer = EvalReducer()
+  for scale, pairs, teacher_labels in ((1.0, 20, 24), (4.0, 5, 6)):
+    reducer.add(_eval_metrics(scale, tokens=30, label_tokens=29) | {"count/pairs": pairs,
+                                                                    "count/teacher_label_tokens": teacher_labels})
+  result = reducer.result()
+  assert result["kl_t1"] == pytest.approx((1.0 * 20 + 4.0 * 5) / 25)                # 1.6: over aligned pairs
+  assert result["teacher_lm_loss"] == pytest.approx((2.0 * 24 + 8.0 * 6) / 30)      # 3.2: over teacher targets
+  # The teacher's total loss (96 nats) over the student's 58 targets covering the same text.
+  assert result["teacher_lm_loss_per_student_token"] == pytest.approx(96 / 58)
+  assert result["teacher_ppl_per_student_token"] == pytest.approx(math.exp(96 / 58))
+  assert result["count/pairs"] == 25 and result["count/teacher_label_tokens"] == 30

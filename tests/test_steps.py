@@ -233,3 +233,44 @@ def test_an_identity_alignment_with_one_vocabulary_computes_the_same_objective(t
   assert float(cross["raw/kd"]) > 0 and float(cross["raw/attention"]) > 0
   _, trained = _train(_copy(state), aligned, teacher_params, vocab_map, setup=setup)
   np.testing.assert_allclose(float(trained["loss"]), float(plain["loss"]), rtol=2e-5)
+
+
+def test_the_router_routes_a_moe_teachers_real_experts():
+  """With a mixture-of-experts teacher the router's experts are one sparse block's routed experts."""
+  from jaxdistill import router
+  from jaxdistill.errors import ConfigError
+  from jaxdistill.objective import DistillHeads, objective
+
+  moe_teacher = dataclasses.replace(TEACHER, family="qwen3_moe", num_experts=3, num_experts_per_tok=2,
+                                    moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=2)
+  cfg = ObjectiveConfig(total_steps=100, curriculum=ALL_ON, chunk_size=16).resolve_layers(STUDENT, moe_teacher)
+  # auto -> moe: the last sparse block (1: with sparse step 2 of 3 blocks only block 1 is sparse), 3 experts.
+  assert (cfg.router.experts, cfg.router.moe_layer, cfg.router.num_experts, cfg.expert_layers) == ("moe", 1, 3, ())
+  blocks = dataclasses.replace(cfg, router=dataclasses.replace(cfg.router, experts="blocks", num_experts=4))
+  assert blocks.resolve_layers(STUDENT, moe_teacher).expert_layers == (1, 2, 2, 3)
+  with pytest.raises(ConfigError, match=r"'router.moe_layer' = 0 .* -1 or one of the teacher's sparse blocks 1"):
+    dataclasses.replace(cfg, router=dataclasses.replace(cfg.router, moe_layer=0)).resolve_layers(STUDENT, moe_teacher)
+  dense = ObjectiveConfig(total_steps=100, router=router.RouterConfig(experts="moe"))
+  with pytest.raises(ConfigError, match=r"'router.experts' = 'moe' .* the teacher has no routed experts"):
+    dense.resolve_layers(STUDENT, TEACHER)
+
+  keys = jax.random.split(jax.random.key(3), 3)
+  teacher_params = models.init_params(moe_teacher, keys[0])
+  trainable = {"student": models.init_params(STUDENT, keys[1]), "heads": init_heads(cfg, STUDENT, moe_teacher, keys[2])}
+  batch = _batch()
+  _, metrics = jax.jit(functools.partial(objective, cfg=cfg, student=STUDENT, teacher=moe_teacher))(
+      trainable, teacher_params, batch, jnp.int32(0))
+  # By hand: every expert's output in block 1 ([B, L, 3, D]) is the target mix's ingredients.
+  student_out = models.forward(trainable["student"], STUDENT, batch["student_input_ids"],
+                               batch["student_attention_mask"], output_hidden_states=True)
+  teacher_out = models.forward(teacher_params, moe_teacher, batch["teacher_input_ids"],
+                               batch["teacher_attention_mask"], expert_layers=(1,))
+  chex.assert_shape(teacher_out.expert_outputs[0], (4, 16, 3, TEACHER.hidden_size))
+  heads = DistillHeads(cfg, TEACHER.hidden_size).apply({"params": trainable["heads"]}, student_out.hidden_states,
+                                                       jnp.zeros((4, STUDENT.hidden_size)))
+  top_k, temperature = router.schedule(0.0, cfg.router)
+  expected = router.feature_loss(heads["routed"], router.gates(heads["gate_logits"], top_k, temperature),
+                                 router.normalized_experts(jnp.moveaxis(teacher_out.expert_outputs[0], 2, 0)),
+                                 batch["student_attention_mask"])
+  np.testing.assert_allclose(float(metrics["raw/routing_feature"]), float(expected), rtol=1e-5)
+  assert float(metrics["raw/routing_attention_alignment"]) > 0

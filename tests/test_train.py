@@ -229,11 +229,17 @@ def test_injected_nonfinite_batches_are_counted_and_the_monitor_warns(env, tmp_p
   assert "[DONE]" in result.stdout
 
 
-def test_p100_smoke_form_trains_and_exports(env, tmp_path):
-  result = _run(env, tmp_path, config="configs/p100.py:smoke")
+@pytest.mark.parametrize("config", ["configs/p100.py:smoke", "configs/p100_same_tokenizer.py:smoke"])
+def test_p100_smoke_forms_train_and_export(env, tmp_path, config):
+  result = _run(env, tmp_path, config=config)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "6 optimizer steps x 4 micro-batches of 2" in result.stdout
   assert os.path.isfile(tmp_path / "student_hf" / "model.safetensors")
+  if config.startswith("configs/p100.py"):  # the seed pairing: a MoE teacher with a tokenizer of its own
+    assert "random qwen3_moe" in result.stdout and "teacher tokenizer: 40 tokens per sequence" in result.stdout
+    final = [r for r in read_records(os.path.join(tmp_path, "metrics.jsonl")) if r["split"] == "eval"][-1]
+    assert final["count/pairs"] > 0 and np.isfinite(final["teacher_ppl_per_student_token"])
+    assert final["raw/routing_feature"] > 0 or final["weight/routing_feature"] == 0
 
 
 @pytest.mark.parametrize("args, config, message", [
@@ -264,8 +270,8 @@ def test_unwritable_workdir(env):
 
 def test_every_config_is_run_in_its_smoke_form():
   import glob
-  # cpu_demo: the smoke_run fixture; p100: test_p100_smoke_form_trains_and_exports. Add new configs there.
-  assert set(glob.glob("configs/*.py")) == {"configs/cpu_demo.py", "configs/p100.py"}
+  # cpu_demo: the smoke_run fixture; p100*: test_p100_smoke_forms_train_and_export. Add new configs there.
+  assert set(glob.glob("configs/*.py")) == {"configs/cpu_demo.py", "configs/p100.py", "configs/p100_same_tokenizer.py"}
 
 
 def test_run_block_describes_the_data(smoke_run):
