@@ -53,6 +53,11 @@ def build_teacher_tokenizer(cfg: Config, tokenizer):
   return None if alignment.same_tokenizer(tokenizer, teacher_tokenizer) else teacher_tokenizer
 
 
+def has_tokenizer(spec: ModelSpec) -> bool:
+  """Whether the checkpoint `spec` names has tokenizer files (False for a random architecture)."""
+  return bool(spec.name_or_path) and _vocabulary(spec.name_or_path, spec.revision) is not None
+
+
 def check_cross_vocab_objective(cfg: Config) -> None:
   """With two tokenizers kd is the cross-vocabulary forward KL (`cross_vocab.py`): its other options are refused."""
   obj = cfg.objective
@@ -64,9 +69,10 @@ def check_cross_vocab_objective(cfg: Config) -> None:
                       "(distill.uld_top_k bounds the vocabulary-free part instead)")
 
 
-def vocab_map(tokenizer, teacher_tokenizer, student_vocab: int) -> cross_vocab.VocabMap:
-  """The tokens the two tokenizers share, for a student model with `student_vocab` output ids."""
-  return cross_vocab.VocabMap.from_pairs(*alignment.vocab_mapping(tokenizer, teacher_tokenizer), student_vocab)
+def vocab_map(tokenizer, teacher_tokenizer, student_vocab: int, teacher_vocab: int) -> cross_vocab.VocabMap:
+  """How the two tokenizers' ids correspond, for models with `student_vocab` and `teacher_vocab` output ids."""
+  return cross_vocab.VocabMap.from_pairs(*alignment.vocab_mapping(tokenizer, teacher_tokenizer), student_vocab,
+                                         alignment.prefix_mapping(tokenizer, teacher_tokenizer), teacher_vocab)
 
 
 def _vocabulary(name_or_path: str, revision: str) -> dict[str, int] | None:

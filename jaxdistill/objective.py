@@ -36,7 +36,9 @@ class ObjectiveConfig:
   kd_top_k: int = 0                          # 0: full vocabulary
   kd_topk_tail: str = "renormalize"          # losses.TOPK_TAILS
   chunk_size: int = 512                      # tokens per float32 chunk in kd/lm; 0: no chunking
-  uld_top_k: int = 128                       # ranks of the vocabulary-free term of cross-vocabulary kd
+  cross_vocab_kd: str = "prefix"             # two tokenizers: cross_vocab.CROSS_VOCAB_KD
+  fill_unaligned: bool = True                # two tokenizers: kd at unaligned positions against the data token
+  uld_top_k: int = 128                       # ranks of the vocabulary-free term of cross-vocabulary kd (uld)
   label_smoothing: float = 0.0
   attention_pairs: tuple[tuple[int, int], ...] = ()  # (student block, teacher block); () = last blocks
   layer_map: tuple[tuple[int, int], ...] = ()        # hidden_states indices; () = uniform
@@ -253,7 +255,7 @@ def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: Object
       plain LM training, where only `lm` may be enabled.
     models_out: precomputed `run_models` output (eval reuses it for its plain metrics).
     vocab_map: the shared tokens of two vocabularies (`cross_vocab.VocabMap`); required with an
-      alignment, where kd is `cross_vocab.cross_vocab_kd_loss`.
+      alignment, where kd is `cross_vocab.kd_across` (`cfg.cross_vocab_kd`).
   """
   if models_out is None:
     models_out = run_models(trainable["student"], teacher_params, batch, cfg, student, teacher)
@@ -265,9 +267,14 @@ def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: Object
   weights = component_weights(opt_step, cfg)
   kd_temperature = curriculum.temperature(opt_step, cfg.total_steps, cfg.curriculum)
   top_k, gate_temperature = router.schedule(curriculum.progress(opt_step, cfg.total_steps), cfg.router)
-  def kd_cross(student_logits, teacher_logits, mask, teacher_ids, student_ids, temperature):
-    return cross_vocab.cross_vocab_kd_loss(student_logits, teacher_logits, mask, teacher_ids, student_ids,
-                                           temperature=temperature, uld_top_k=cfg.uld_top_k, chunk_size=cfg.chunk_size)
+  def kd_cross(student_logits, teacher_logits, pairs, positions, ids, mask, vocab_map, temperature):
+    at_pairs = cross_vocab.kd_across(cfg.cross_vocab_kd, cross_vocab.gather_positions(student_logits, positions),
+                                     teacher_logits, pairs, vocab_map, temperature=temperature,
+                                     uld_top_k=cfg.uld_top_k, chunk_size=cfg.chunk_size)
+    if not cfg.fill_unaligned:
+      return at_pairs
+    return cross_vocab.fill_unaligned(at_pairs, student_logits, ids, mask, positions, pairs, temperature=temperature,
+                                      chunk_size=cfg.chunk_size)
 
   def kd(student_logits, teacher_logits, mask, temperature):
     vocab = min(student.vocab_size, teacher.vocab_size)
@@ -283,8 +290,8 @@ def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: Object
   # component -> (function closing over static values only, its array inputs).
   terms = {}
   if cfg.enabled("kd") and aligned:
-    terms["kd"] = (kd_cross, (at_student(student_out.logits_BxLxV), at_teacher(teacher_out.logits_BxLxV), pairs_BxA,
-                              vocab_map.teacher_ids_M, vocab_map.student_ids_M, kd_temperature))
+    terms["kd"] = (kd_cross, (student_out.logits_BxLxV, at_teacher(teacher_out.logits_BxLxV), pairs_BxA,
+                              batch["align_student"], batch["student_input_ids"], mask_BxL, vocab_map, kd_temperature))
   elif cfg.enabled("kd"):
     terms["kd"] = (kd, (student_out.logits_BxLxV, teacher_out.logits_BxLxV, mask_BxL, kd_temperature))
   if cfg.enabled("lm"):

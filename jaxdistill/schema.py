@@ -10,6 +10,7 @@ from typing import Sequence
 
 import ml_collections
 
+from jaxdistill.cross_vocab import CROSS_VOCAB_KD
 from jaxdistill.curriculum import CurriculumConfig, lm_only
 from jaxdistill.curriculum import problem as curriculum_problem
 from jaxdistill.data.pipeline import DataConfig
@@ -126,7 +127,11 @@ class DistillSpec:
   kd_top_k: int = 0                     # KD over the teacher's top-k tokens; 0: full vocabulary
   kd_topk_tail: str = "renormalize"     # renormalize | other_bucket
   chunk_size: int = 512                 # tokens per float32 chunk in kd/lm; 0: no chunking
-  uld_top_k: int = 128                  # two tokenizers: ranks of the vocabulary-free part of kd (cross_vocab.py)
+  cross_vocab_kd: str = "prefix"        # two tokenizers: prefix (teacher mass to the student token starting the
+                                        # same text) | uld (shared tokens exact + ULD on the rest); cross_vocab.py
+  uld_top_k: int = 128                  # two tokenizers: ranks of the vocabulary-free part of kd (uld)
+  fill_unaligned: bool = True           # two tokenizers: kd at student positions with no aligned teacher position is
+                                        # KL to the data's next token, so they keep kd's weight
   label_smoothing: float = 0.0          # of the lm cross-entropy, in [0, 1)
   attention_pairs: tuple = ()           # ((student block, teacher block), ...); (): the last blocks
   layer_map: tuple = ()                 # ((student, teacher) hidden_states index, ...); (): uniform
@@ -297,6 +302,8 @@ def _objective(cfg, total_steps: int, mode: str) -> ObjectiveConfig:
   _check(0 < d["jsd_beta"] < 1, "distill", "jsd_beta", d["jsd_beta"], "a number strictly between 0 and 1")
   _check(d["kd_top_k"] >= 0, "distill", "kd_top_k", d["kd_top_k"], "an integer >= 0 (0: full vocabulary)")
   _check(d["chunk_size"] >= 0, "distill", "chunk_size", d["chunk_size"], "an integer >= 0 (0: no chunking)")
+  _check(d["cross_vocab_kd"] in CROSS_VOCAB_KD, "distill", "cross_vocab_kd", d["cross_vocab_kd"],
+         f"one of {', '.join(CROSS_VOCAB_KD)}")
   _check(d["uld_top_k"] >= 1, "distill", "uld_top_k", d["uld_top_k"], "an integer >= 1")
   _check(0 <= d["label_smoothing"] < 1, "distill", "label_smoothing", d["label_smoothing"], "a number in [0, 1)")
   _check(d["contrastive_temperature"] > 0, "distill", "contrastive_temperature", d["contrastive_temperature"],
@@ -332,7 +339,8 @@ def _objective(cfg, total_steps: int, mode: str) -> ObjectiveConfig:
 
   return ObjectiveConfig(
       total_steps=total_steps, curriculum=c, router=r, kd_mode=d["kd_mode"], jsd_beta=d["jsd_beta"],
-      kd_top_k=d["kd_top_k"], kd_topk_tail=d["kd_topk_tail"], chunk_size=d["chunk_size"], uld_top_k=d["uld_top_k"],
+      kd_top_k=d["kd_top_k"], kd_topk_tail=d["kd_topk_tail"], chunk_size=d["chunk_size"],
+      cross_vocab_kd=d["cross_vocab_kd"], uld_top_k=d["uld_top_k"], fill_unaligned=d["fill_unaligned"],
       label_smoothing=d["label_smoothing"], attention_pairs=d["attention_pairs"], layer_map=d["layer_map"],
       hidden_distance=d["hidden_distance"], contrastive_temperature=d["contrastive_temperature"],
       expert_layers=d["expert_layers"])

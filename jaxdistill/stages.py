@@ -16,6 +16,7 @@ import json
 import os
 
 from jaxdistill import plot
+from jaxdistill.build import has_tokenizer
 from jaxdistill.config import Config, DebugSpec, StagesSpec
 from jaxdistill.curriculum import lm_only
 from jaxdistill.data.corpus import source_fingerprint
@@ -36,9 +37,20 @@ def plain_lm(cfg: Config, student=None) -> Config:
   """`cfg` as plain LM training of `student` (default: cfg's student): no teacher, no stages, no drills."""
   objective = dataclasses.replace(cfg.objective, curriculum=lm_only(cfg.objective.curriculum))
   best_metric = cfg.train.best_metric if cfg.train.best_metric in LM_EVAL_METRICS else "student_lm_loss"
-  return dataclasses.replace(cfg, mode="lm", student=student or cfg.student, objective=objective,
+  return dataclasses.replace(cfg, mode="lm", student=student or cfg.student, objective=objective, teacher_tokenizer="",
                              train=dataclasses.replace(cfg.train, best_metric=best_metric),
                              debug=DebugSpec(), stages=StagesSpec())
+
+
+def scratch_config(cfg: Config) -> Config:
+  """The scratch baseline of `cfg`: its student by plain LM on exactly the distillation run's rows.
+
+  With a teacher tokenizer of its own, rows end where both tokenizations share a boundary; the scratch
+  run names that tokenizer too (a plain LM run uses it for nothing else), so both students see the
+  same tokens in the same rows and are evaluated on the same held-out rows.
+  """
+  teacher_tokenizer = cfg.teacher_tokenizer or (cfg.teacher.name_or_path if has_tokenizer(cfg.teacher) else "")
+  return dataclasses.replace(plain_lm(cfg), teacher_tokenizer=teacher_tokenizer)
 
 
 def teacher_config(cfg: Config) -> Config:
@@ -48,7 +60,7 @@ def teacher_config(cfg: Config) -> Config:
   # The teacher learns in its own tokens: its tokenizer where it has one, else the run's.
   tokenizer = cfg.teacher_tokenizer or cfg.tokenizer or cfg.student.name_or_path
   data = dataclasses.replace(cfg.data, seq_len=cfg.data.teacher_len, teacher_seq_len=0)  # rows of its tokens
-  return dataclasses.replace(lm, tokenizer=tokenizer, teacher_tokenizer="", data=data,
+  return dataclasses.replace(lm, tokenizer=tokenizer, data=data,
                              optim=dataclasses.replace(cfg.optim, learning_rate=learning_rate),
                              train=dataclasses.replace(lm.train, max_steps=cfg.stages.teacher_steps,
                                                        early_stopping_patience=0))
@@ -141,7 +153,7 @@ def run(cfg: Config, workdir: str, resume: str | None = None) -> dict:
   if cfg.stages.scratch_baseline:
     log("[BASELINE] training the same student alone (plain LM, same initial weights, data and steps) in "
          f"{os.path.join(workdir, SCRATCH_DIR)}")
-    scratch = train_and_evaluate(plain_lm(cfg), os.path.join(workdir, SCRATCH_DIR), data_cache=data_cache)
+    scratch = train_and_evaluate(scratch_config(cfg), os.path.join(workdir, SCRATCH_DIR), data_cache=data_cache)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accumulation_steps
     summary = comparison(result, scratch, tokens_per_step)
     table = comparison_table(summary)

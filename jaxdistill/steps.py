@@ -102,9 +102,8 @@ def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup
     at_t = cross_vocab.gather_positions(teacher_out.logits_BxLxV, batch["align_teacher"])
     pairs_BxA = batch["align_mask"]
     metrics.update({
-        "kl_t1": cross_vocab.cross_vocab_kd_loss(
-            at_s, at_t, pairs_BxA, vocab_map.teacher_ids_M, vocab_map.student_ids_M, temperature=1.0,
-            uld_top_k=cfg.uld_top_k, chunk_size=cfg.chunk_size),
+        "kl_t1": cross_vocab.kd_across(cfg.cross_vocab_kd, at_s, at_t, pairs_BxA, vocab_map, temperature=1.0,
+                                       uld_top_k=cfg.uld_top_k, chunk_size=cfg.chunk_size),
         "top1_agreement": cross_vocab.top1_agreement(at_s, at_t, pairs_BxA, vocab_map.student_to_teacher_Vs)})
     return metrics
   vocab = min(student.vocab_size, teacher.vocab_size)

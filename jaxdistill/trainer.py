@@ -145,8 +145,10 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   os.makedirs(workdir, exist_ok=True)
   distill = cfg.mode == "distill"  # otherwise plain LM training: no teacher at all
   tokenizer = build_tokenizer(cfg)
-  teacher_tokenizer = build_teacher_tokenizer(cfg, tokenizer) if distill else None  # None: the same tokenizer
-  if teacher_tokenizer is not None:
+  # None: one tokenizer. In plain LM training a named teacher tokenizer only shapes the rows (a scratch
+  # baseline trains on the distillation's rows, `stages.scratch_config`).
+  teacher_tokenizer = build_teacher_tokenizer(cfg, tokenizer) if distill or cfg.teacher_tokenizer else None
+  if distill and teacher_tokenizer is not None:
     check_cross_vocab_objective(cfg)
   data = DataPipeline(cfg.data, tokenizer, cfg.seed, cache_dir=data_cache or os.path.join(workdir, "data_cache"),
                       teacher_tokenizer=teacher_tokenizer)
@@ -156,8 +158,8 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
       if distill else None
   teacher_config = teacher.config if distill else None
   student = build_model(cfg.student, vocab_size(tokenizer), student_rng, "student")
-  shared_tokens = None if teacher_tokenizer is None else vocab_map(tokenizer, teacher_tokenizer,
-                                                                   student.config.vocab_size)
+  shared_tokens = None if teacher is None or teacher_tokenizer is None else vocab_map(
+      tokenizer, teacher_tokenizer, student.config.vocab_size, teacher.config.vocab_size)
 
   accumulation = cfg.optim.accumulation_steps
   steps_per_epoch = data.batches_per_epoch // accumulation

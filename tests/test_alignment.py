@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerFast
 from conftest import CountingTokenizer
 from jaxdistill.data import DataConfig, DataPipeline, load_documents
 from jaxdistill.data.alignment import (ALIGNED_KEYS, AlignedTokens, align_documents, align_offsets, pack_aligned,
-                                       token_boundaries, token_bytes, vocab_mapping)
+                                       prefix_mapping, token_boundaries, token_bytes, vocab_mapping)
 from jaxdistill.data.pipeline import split_documents, tokenize_documents
 from jaxdistill.tokenizer import byte_tokenizer, train_byte_level_bpe, train_sentencepiece_bpe
 
@@ -163,6 +163,23 @@ def test_mapping_between_different_tokenizers(byte_bpe, sentencepiece_bpe):
   student_table, teacher_table = token_bytes(byte_bpe), token_bytes(sentencepiece_bpe)
   assert all(student_table[s] == teacher_table[t] for s, t in pairs.items() if s != byte_bpe.eos_token_id)
   assert teacher["<unk>"] not in pairs.values()
+
+
+def test_prefix_mapping_sends_each_teacher_token_to_the_student_token_starting_its_text():
+  student, teacher = tiny_byte_level(), tiny_sentencepiece()
+  mapping = prefix_mapping(student, teacher)
+  s, t = student.get_vocab(), teacher.get_vocab()
+  assert len(mapping) == len(t)
+  hand_checked = {"▁b": "Ġb",      # the same bytes: b' b'
+                  "▁a": "Ġ",       # b' a': the student has no ' a', its longest prefix is ' '
+                  "\n\n": "Ċ",    # b'\n\n' -> b'\n' (the student has no merged newlines)
+                  "<0xC3>": "Ã",   # a byte-fallback piece -> the student's byte token
+                  "</s>": "<|endoftext|>"}
+  for teacher_piece, student_piece in hand_checked.items():
+    assert mapping[t[teacher_piece]] == s[student_piece], teacher_piece
+  assert mapping[t["<unk>"]] == -1
+  same = prefix_mapping(student, student)
+  assert same.tolist() == list(range(len(s)))  # identical tokenizers: every id to itself
 
 
 # ---------------------------------------------------------------------------------------------

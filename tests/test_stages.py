@@ -57,3 +57,23 @@ def test_gap_closed_by_hand():
   assert "| teacher | 4.00 | 1.5000 |" in table and "| distilled student | 6.00 | 1.7000 |" in table
   assert "scratch to teacher): 50.0%" in table
   assert "n/a (the scratch student is not worse than the teacher)" in stages.comparison_table(no_gap)
+
+
+def test_a_teacher_with_its_own_tokenizer_trains_on_rows_of_its_own_tokens():
+  cross = config_lib.parse(config_lib.load("configs/cpu_demo.py:cross_smoke"))
+  teacher = stages.teacher_config(cross)
+  assert (teacher.tokenizer, teacher.teacher_tokenizer) == ("sp:600", "")
+  assert (teacher.data.seq_len, teacher.data.teacher_seq_len) == (40, 0)  # data.teacher_seq_len of the run
+  assert teacher.student.arch.family == "qwen3_moe"
+  # The teacher's cache key follows its tokenizer.
+  other = config_lib.parse(config_lib.load("configs/cpu_demo.py:cross_smoke", {"teacher_tokenizer": "sp:500"}))
+  assert stages.teacher_dir(other) != stages.teacher_dir(cross)
+
+
+def test_a_teacher_with_its_own_tokenizer_is_compared_per_student_token():
+  distilled = _eval(1.7, 6.0, teacher_ppl=3.0) | {"teacher_ppl_per_student_token": 4.0,
+                                                   "teacher_lm_loss_per_student_token": 1.3863}
+  c = stages.comparison(distilled, _eval(1.9, 8.0), tokens_per_step=2048)
+  assert (c["teacher_ppl"], c["teacher_lm_loss"], c["teacher_tokenizer"]) == (4.0, 1.3863, True)
+  assert c["gap_closed"] == pytest.approx(0.5)
+  assert "| teacher (own tokenizer; its loss per student token) | 4.00 | 1.3863 |" in stages.comparison_table(c)

@@ -77,6 +77,27 @@ def vocab_mapping(student_tokenizer, teacher_tokenizer) -> tuple[np.ndarray, np.
   return teacher_ids_M, student_ids_M
 
 
+def prefix_mapping(student_tokenizer, teacher_tokenizer) -> np.ndarray:
+  """teacher id -> the student id of the longest prefix of its bytes (int32 [teacher vocab]; -1: none).
+
+  A teacher token says where the text goes next; the student token that starts that text is (to a
+  good approximation) the longest student token that is a prefix of it. Tokens with the same bytes
+  map to each other (`vocab_mapping`'s pairs, eos to eos included), so identical tokenizers map every
+  id to itself; special tokens other than eos map nowhere (-1).
+  """
+  teacher_ids_M, student_ids_M = vocab_mapping(student_tokenizer, teacher_tokenizer)
+  out_Vt = np.full(vocab_size(teacher_tokenizer), -1, np.int32)
+  student_id_of = _preferred_ids(student_tokenizer)
+  longest = max(map(len, student_id_of), default=0)
+  for j, piece_bytes in enumerate(token_bytes(teacher_tokenizer)):
+    for end in range(min(len(piece_bytes or b""), longest), 0, -1):
+      if piece_bytes[:end] in student_id_of:
+        out_Vt[j] = student_id_of[piece_bytes[:end]]
+        break
+  out_Vt[teacher_ids_M] = student_ids_M
+  return out_Vt
+
+
 def same_tokenizer(a, b) -> bool:
   """Whether two tokenizers split every text into the same ids (same definition and eos)."""
   return a is b or (_definition_str(a) == _definition_str(b) and a.eos_token_id == b.eos_token_id)
