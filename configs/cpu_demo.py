@@ -68,7 +68,9 @@ def across_tokenizers(cfg, smoke: bool) -> None:
   in a SentencePiece-style BPE ('sp:600'); the student reads a byte-level BPE ('bpe:400'), both trained
   locally on the built-in corpus. kd compares the vocabularies on text-aligned positions, and the
   router mixes the teacher's real experts (its last sparse block). The comparison table gives the
-  teacher's loss per student token, so all three perplexities are over the same units.
+  teacher's loss per student token, so all three perplexities are over the same units. On 2 CPU
+  cores: 8 min 40 s with the teacher to train, 2 min 32 s with it cached; held-out perplexity
+  teacher 10.18, scratch 16.85, distilled 15.74 (README "Two tokenizers and MoE teachers").
   """
   cfg.tokenizer = "bpe:400"
   cfg.teacher_tokenizer = "sp:600"
