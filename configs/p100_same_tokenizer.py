@@ -27,5 +27,4 @@ def get_config(arg=None):
   if arg == "smoke":
     P100.smoke(cfg)
     cfg.tokenizer = "byte"
-    cfg.data.teacher_seq_len = 0
   return cfg
