@@ -1,6 +1,7 @@
 """Turns a validated config into its parts: the tokenizer and the teacher/student models."""
 
 import contextlib
+import dataclasses
 import os
 
 import jax
@@ -67,6 +68,9 @@ def check_cross_vocab_objective(cfg: Config) -> None:
   if obj.kd_top_k:
     raise ConfigError("distill.kd_top_k", obj.kd_top_k, "0 when the teacher's tokenizer differs from the run's "
                       "(distill.uld_top_k bounds the vocabulary-free part instead)")
+  if obj.offline_top_k:
+    raise ConfigError("offline_teacher.top_k", obj.offline_top_k, "0 when the teacher's tokenizer differs from the "
+                      "run's (records keep the teacher's own top-k tokens; cross-vocabulary kd needs its full logits)")
 
 
 def vocab_map(tokenizer, teacher_tokenizer, student_vocab: int, teacher_vocab: int) -> cross_vocab.VocabMap:
@@ -99,7 +103,8 @@ def build_model(spec: ModelSpec, vocab_size: int, rng: jax.Array, field: str) ->
   """
   if spec.name_or_path:
     with _blame(f"{field}.name_or_path"):
-      return hf_io.load_pretrained(spec.name_or_path, spec.revision, spec.param_dtype, spec.dtype)
-  cfg = spec.arch.model_config(vocab_size, spec.param_dtype, spec.dtype)
+      model = hf_io.load_pretrained(spec.name_or_path, spec.revision, spec.param_dtype, spec.dtype)
+    return dataclasses.replace(model, config=dataclasses.replace(model.config, remat=spec.remat))
+  cfg = dataclasses.replace(spec.arch.model_config(vocab_size, spec.param_dtype, spec.dtype), remat=spec.remat)
   params = transformer.init_params(cfg, rng)
   return hf_io.Pretrained(config=cfg, params=params, hf_config=to_hf_config(cfg), path="")

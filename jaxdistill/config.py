@@ -20,6 +20,7 @@ from jaxdistill.data.pipeline import DataConfig
 from jaxdistill.cli import one_line
 from jaxdistill.errors import CommandLineError, ConfigError
 from jaxdistill.monitor import MonitorConfig
+from jaxdistill.offline_teacher import OfflineTeacherSpec
 from jaxdistill.optim import OptimConfig
 from jaxdistill.router import RouterConfig
 from jaxdistill.schema import (EVAL_METRICS, MODES, ArchSpec, CheckpointSpec, Config, DebugSpec,  # noqa: F401
@@ -29,7 +30,7 @@ from jaxdistill.schema import (EVAL_METRICS, MODES, ArchSpec, CheckpointSpec, Co
 # Building blocks for config files.
 
 def model_group(name_or_path: str = "", *, arch: dict | None = None, param_dtype: str = "float32",
-                dtype: str = "float32", revision: str = "main") -> ml_collections.ConfigDict:
+                dtype: str = "float32", revision: str = "main", remat: str = "none") -> ml_collections.ConfigDict:
   """The `teacher`/`student` group. Either a checkpoint (`name_or_path`) or a random `arch`."""
   return ml_collections.ConfigDict({
       "name_or_path": name_or_path,  # HF hub id or local checkpoint dir; '' builds `arch` with random weights
@@ -37,6 +38,8 @@ def model_group(name_or_path: str = "", *, arch: dict | None = None, param_dtype
       "arch": arch_group(**(arch or {})),
       "param_dtype": param_dtype,    # storage dtype: float32 | bfloat16 | float16
       "dtype": dtype,                # compute dtype: float32 | bfloat16 | float16
+      "remat": remat,                # what each block keeps for the backward pass: none | full | dots |
+                                     # dots_no_batch (models/config.py REMAT_POLICIES); trained models only
   })
 
 
@@ -52,7 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
                                   # or `tokenizer` for a random teacher. Two tokenizers: kd on text-aligned positions
       # The groups below take their fields and defaults from the dataclasses that document them:
       # DataConfig (jaxdistill/data/pipeline.py), DistillSpec, TrainSpec, CheckpointSpec, LogSpec,
-      # StagesSpec (schema.py), CurriculumConfig (curriculum.py), RouterConfig (router.py), OptimConfig (optim.py),
+      # StagesSpec (schema.py), OfflineTeacherSpec (offline_teacher.py), CurriculumConfig (curriculum.py),
+      # RouterConfig (router.py), OptimConfig (optim.py),
       # MonitorConfig (monitor.py).
       "data": dataclasses.asdict(DataConfig()),
       "distill": dataclasses.asdict(DistillSpec()),
@@ -65,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
       "monitor": dataclasses.asdict(MonitorConfig()),
       "debug": dataclasses.asdict(DebugSpec()),
       "stages": dataclasses.asdict(StagesSpec()),   # teacher training before, scratch baseline after
+      "offline_teacher": dataclasses.asdict(OfflineTeacherSpec()),  # teacher top-k records reused after epoch 1
   })
 
 

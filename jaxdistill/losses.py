@@ -52,7 +52,7 @@ def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)
 
 
-def _divergence(log_p: jax.Array, log_q: jax.Array, mode: str, jsd_beta: float) -> jax.Array:
+def divergence(log_p: jax.Array, log_q: jax.Array, mode: str, jsd_beta: float) -> jax.Array:
   """teacher p, student q -> per-token divergence."""
   if mode == "forward_kl":
     return _kl(log_p, log_q)
@@ -65,7 +65,15 @@ def _divergence(log_p: jax.Array, log_q: jax.Array, mode: str, jsd_beta: float) 
 def _topk_log_probs(log_p_NxV, log_q_NxV, top_k: int, tail: str):
   """Teacher and student log-probabilities on the teacher's top-k tokens (+ a tail bucket)."""
   top_log_p, index_NxK = jax.lax.top_k(log_p_NxV, top_k)
-  top_log_q = jnp.take_along_axis(log_q_NxV, index_NxK, axis=-1)
+  return sparse_log_probs(top_log_p, jnp.take_along_axis(log_q_NxV, index_NxK, axis=-1), tail)
+
+
+def sparse_log_probs(top_log_p: jax.Array, top_log_q: jax.Array, tail: str):
+  """Both models' log-probabilities on a subset of tokens, as distributions over K (or K + 1) outcomes.
+
+  'renormalize': each renormalised over the K tokens; 'other_bucket': a (K+1)-th outcome holds each
+  model's remaining mass.
+  """
   if tail == "renormalize":
     return (top_log_p - jax.nn.logsumexp(top_log_p, axis=-1, keepdims=True),
             top_log_q - jax.nn.logsumexp(top_log_q, axis=-1, keepdims=True))
@@ -112,7 +120,7 @@ def kd_loss(student_logits_BxLxV: jax.Array, teacher_logits_BxLxV: jax.Array, ma
     log_p = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_NxV).astype(jnp.float32) / temperature, axis=-1)
     if top_k:
       log_p, log_q = _topk_log_probs(log_p, log_q, top_k, topk_tail)
-    return _divergence(log_p, log_q, mode, jsd_beta)
+    return divergence(log_p, log_q, mode, jsd_beta)
 
   per_token_BxL = token_chunks(per_token, (student_logits_BxLxV, teacher_logits_BxLxV), chunk_size)
   return temperature ** 2 * masked_mean(per_token_BxL, mask_BxL)

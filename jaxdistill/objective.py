@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import dtypes
 
-from jaxdistill import cross_vocab, curriculum, losses, router
+from jaxdistill import cross_vocab, curriculum, losses, offline_teacher, router
 from jaxdistill.curriculum import CurriculumConfig
 from jaxdistill.errors import ConfigError
 from jaxdistill.router import RouterConfig
@@ -39,6 +39,8 @@ class ObjectiveConfig:
   cross_vocab_kd: str = "prefix"             # two tokenizers: cross_vocab.CROSS_VOCAB_KD
   fill_unaligned: bool = True                # two tokenizers: kd at unaligned positions against the data token
   uld_top_k: int = 128                       # ranks of the vocabulary-free term of cross-vocabulary kd (uld)
+  offline_top_k: int = 0                     # > 0: the teacher enters as records of its top-k logits
+                                             # (offline_teacher.py), in training and evaluation alike
   label_smoothing: float = 0.0
   attention_pairs: tuple[tuple[int, int], ...] = ()  # (student block, teacher block); () = last blocks
   layer_map: tuple[tuple[int, int], ...] = ()        # hidden_states indices; () = uniform
@@ -211,7 +213,7 @@ def run_models(student_params, teacher_params, batch, cfg: ObjectiveConfig, stud
   student_out = forward(student_params, student, batch["student_input_ids"], batch["student_attention_mask"],
                         output_hidden_states=needs_states, attention_layers=student_attn)
   student_maps = dict(zip(student_attn, student_out.attentions))
-  if teacher is None:
+  if teacher is None or offline_teacher.RECORD_KEY in batch:  # no teacher, or its records instead
     return student_out, student_maps, None, {}
   moe_experts = (cfg.router.moe_layer,) if cfg.enabled("routing_feature") and cfg.router.experts == "moe" else ()
   teacher_out = forward(teacher_params, teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
@@ -254,6 +256,8 @@ def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: Object
     cfg, student, teacher: static configs (cfg already `resolve_layers`-ed); teacher None for
       plain LM training, where only `lm` may be enabled.
     models_out: precomputed `run_models` output (eval reuses it for its plain metrics).
+      With `cfg.offline_top_k` the batch carries the teacher's records (`offline_teacher.RECORD_KEY`)
+      and kd, layerwise and contrastive read the teacher from them; the teacher does not run.
     vocab_map: the shared tokens of two vocabularies (`cross_vocab.VocabMap`); required with an
       alignment, where kd is `cross_vocab.kd_across` (`cfg.cross_vocab_kd`).
   """
@@ -263,6 +267,10 @@ def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: Object
   mask_BxL = batch["student_attention_mask"]
   at_student, at_teacher, student_attention, teacher_attention, pairs_BxA = _alignment(batch)
   aligned = "align_mask" in batch
+  record = batch.get(offline_teacher.RECORD_KEY)
+  if cfg.offline_top_k and record is None:
+    raise ValueError(f"cfg.offline_top_k={cfg.offline_top_k} needs the teacher's records in batch"
+                     f"[{offline_teacher.RECORD_KEY!r}] (offline_teacher.compute_records)")
   inject = batch.get("inject_nonfinite", jnp.zeros(len(COMPONENTS), jnp.float32))
   weights = component_weights(opt_step, cfg)
   kd_temperature = curriculum.temperature(opt_step, cfg.total_steps, cfg.curriculum)
@@ -292,6 +300,12 @@ def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: Object
   if cfg.enabled("kd") and aligned:
     terms["kd"] = (kd_cross, (student_out.logits_BxLxV, at_teacher(teacher_out.logits_BxLxV), pairs_BxA,
                               batch["align_student"], batch["student_input_ids"], mask_BxL, vocab_map, kd_temperature))
+  elif cfg.enabled("kd") and record is not None:
+    def kd_offline(student_logits, record, mask, step, temperature):
+      return offline_teacher.kd_loss(student_logits[..., :min(student.vocab_size, teacher.vocab_size)], record, mask,
+                                     step, cfg, temperature=temperature)
+
+    terms["kd"] = (kd_offline, (student_out.logits_BxLxV, record, mask_BxL, opt_step, kd_temperature))
   elif cfg.enabled("kd"):
     terms["kd"] = (kd, (student_out.logits_BxLxV, teacher_out.logits_BxLxV, mask_BxL, kd_temperature))
   if cfg.enabled("lm"):
@@ -306,12 +320,14 @@ def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: Object
     heads_out = DistillHeads(cfg, teacher.hidden_size).apply(
         {"params": trainable["heads"]}, student_out.hidden_states, pooled)
   if cfg.enabled("layerwise"):
+    targets = offline_teacher.layer_targets(record, cfg) if record is not None else [
+        at_teacher(teacher_out.hidden_states[t]) for _, t in cfg.layer_map]
     terms["layerwise"] = (
         lambda p, t, m: losses.layerwise_loss(p, t, m, cfg.hidden_distance),
-        ([at_student(p) for p in heads_out["layerwise"]], [at_teacher(teacher_out.hidden_states[t])
-                                                           for _, t in cfg.layer_map], pairs_BxA))
+        ([at_student(p) for p in heads_out["layerwise"]], targets, pairs_BxA))
   if cfg.enabled("contrastive"):
-    teacher_pooled = losses.masked_mean_pool(teacher_out.hidden_states[-1], batch["teacher_attention_mask"])
+    teacher_pooled = record["pooled"] if record is not None else losses.masked_mean_pool(
+        teacher_out.hidden_states[-1], batch["teacher_attention_mask"])
     terms["contrastive"] = (
         lambda s, t, valid: losses.contrastive_loss(s, t, temperature=cfg.contrastive_temperature, valid_B=valid),
         (heads_out["contrastive"], teacher_pooled, jnp.any(mask_BxL > 0, axis=1)))

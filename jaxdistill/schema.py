@@ -16,8 +16,10 @@ from jaxdistill.curriculum import problem as curriculum_problem
 from jaxdistill.data.pipeline import DataConfig
 from jaxdistill.errors import ConfigError
 from jaxdistill.losses import HIDDEN_DISTANCES, KD_MODES, TOPK_TAILS
-from jaxdistill.models.config import DTYPES, MOE_FAMILIES, SUPPORTED_FAMILIES, ModelConfig, RopeConfig
+from jaxdistill.models.config import DTYPES, MOE_FAMILIES, REMAT_POLICIES, SUPPORTED_FAMILIES, ModelConfig, RopeConfig
 from jaxdistill.monitor import MonitorConfig
+from jaxdistill.offline_teacher import OfflineTeacherSpec
+from jaxdistill.offline_teacher import check as check_offline
 from jaxdistill.objective import COMPONENTS, ObjectiveConfig
 from jaxdistill.optim import OptimConfig
 from jaxdistill.router import EXPERT_SOURCES, RouterConfig
@@ -83,6 +85,7 @@ class ModelSpec:
   arch: ArchSpec | None   # set when name_or_path is empty
   param_dtype: str
   dtype: str
+  remat: str = "none"     # REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +172,7 @@ class Config:
   monitor: MonitorConfig
   debug: DebugSpec
   stages: StagesSpec
+  offline_teacher: OfflineTeacherSpec
 
 
 def _name(where: str, field: str) -> str:
@@ -253,7 +257,8 @@ def _model(node, where: str) -> ModelSpec:
       revision=str(_get(node, "revision", where)),
       arch=None if name_or_path else _arch(_get(node, "arch", where), f"{where}.arch"),
       param_dtype=_choice(node, "param_dtype", where, DTYPES),
-      dtype=_choice(node, "dtype", where, DTYPES))
+      dtype=_choice(node, "dtype", where, DTYPES),
+      remat=_choice(node, "remat", where, REMAT_POLICIES))
 
 
 def _tuplify(value):
@@ -373,6 +378,11 @@ def parse(cfg: ml_collections.ConfigDict) -> Config:
   optim = _optim(cfg)
   mode = _choice(cfg, "mode", "", MODES)
   teacher = _model(_get(cfg, "teacher", ""), "teacher")
+  offline = _offline(cfg, mode)
+  objective = _objective(cfg, optim.total_steps, mode)
+  if offline.top_k:
+    check_offline(objective, offline.top_k)
+    objective = dataclasses.replace(objective, offline_top_k=offline.top_k)
   return Config(
       seed=_positive_int(cfg, "seed", "", minimum=0),
       mode=mode,
@@ -381,14 +391,22 @@ def parse(cfg: ml_collections.ConfigDict) -> Config:
       tokenizer=tokenizer,
       teacher_tokenizer=teacher_tokenizer,
       data=_data(cfg),
-      objective=_objective(cfg, optim.total_steps, mode),
+      objective=objective,
       optim=optim,
       train=_train(cfg, mode),
       checkpoint=_positive_ints(cfg, "checkpoint", CheckpointSpec),
       log=_positive_ints(cfg, "log", LogSpec),
       monitor=_monitor(cfg),
       debug=_debug(cfg, mode),
-      stages=_stages(cfg, mode, teacher))
+      stages=_stages(cfg, mode, teacher),
+      offline_teacher=offline)
+
+
+def _offline(cfg, mode: str) -> OfflineTeacherSpec:
+  o = OfflineTeacherSpec(**_group(_get(cfg, "offline_teacher", ""), OfflineTeacherSpec, "offline_teacher"))
+  _check(o.top_k >= 0, "offline_teacher", "top_k", o.top_k, "an integer >= 0 (0: the live teacher at every step)")
+  # Plain LM training has no teacher: the group is ignored (the teacher and scratch stages run that way).
+  return o if mode == "distill" else OfflineTeacherSpec()
 
 
 def _stages(cfg, mode: str, teacher: ModelSpec) -> StagesSpec:

@@ -22,6 +22,7 @@ from jaxdistill.curriculum import lm_only
 from jaxdistill.data.corpus import source_fingerprint
 from jaxdistill.errors import JaxDistillError
 from jaxdistill.metrics import log
+from jaxdistill.offline_teacher import OfflineTeacherSpec
 from jaxdistill.schema import LM_EVAL_METRICS
 from jaxdistill.trainer import train_and_evaluate
 
@@ -35,11 +36,11 @@ COMPARISON_MD = "comparison.md"
 
 def plain_lm(cfg: Config, student=None) -> Config:
   """`cfg` as plain LM training of `student` (default: cfg's student): no teacher, no stages, no drills."""
-  objective = dataclasses.replace(cfg.objective, curriculum=lm_only(cfg.objective.curriculum))
+  objective = dataclasses.replace(cfg.objective, curriculum=lm_only(cfg.objective.curriculum), offline_top_k=0)
   best_metric = cfg.train.best_metric if cfg.train.best_metric in LM_EVAL_METRICS else "student_lm_loss"
   return dataclasses.replace(cfg, mode="lm", student=student or cfg.student, objective=objective, teacher_tokenizer="",
                              train=dataclasses.replace(cfg.train, best_metric=best_metric),
-                             debug=DebugSpec(), stages=StagesSpec())
+                             debug=DebugSpec(), stages=StagesSpec(), offline_teacher=OfflineTeacherSpec())
 
 
 def scratch_config(cfg: Config) -> Config:
@@ -69,7 +70,8 @@ def teacher_config(cfg: Config) -> Config:
 def teacher_key(cfg: Config) -> dict:
   """Everything the trained teacher's weights depend on (the cache key, before hashing)."""
   t = teacher_config(cfg)
-  return {"format": _TEACHER_CACHE_FORMAT, "model": dataclasses.asdict(t.student), "tokenizer": t.tokenizer,
+  model = {k: v for k, v in dataclasses.asdict(t.student).items() if k != "remat"}  # memory, not weights
+  return {"format": _TEACHER_CACHE_FORMAT, "model": model, "tokenizer": t.tokenizer,
           "data": dataclasses.asdict(t.data), "content": source_fingerprint(t.data.source), "seed": t.seed,
           "optim": dataclasses.asdict(t.optim), "steps": t.train.max_steps}
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import jmp
 import optax
 
-from jaxdistill import cross_vocab, losses
+from jaxdistill import cross_vocab, losses, offline_teacher
 from jaxdistill.models import ModelConfig
 from jaxdistill.objective import COMPONENTS, ObjectiveConfig, objective, run_models
 from jaxdistill.optim import OptimConfig, make_optimizer
@@ -68,7 +68,8 @@ def train_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setu
 def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup: StepSetup):
   """The training objective at the state's step, plus plain metrics, and token counts for reduction.
 
-  Plain metrics: student and teacher LM loss and perplexity, KL(teacher || student) at T = 1 over
+  With an offline teacher (`cfg.offline_top_k`) the objective reads records made here from the live
+  teacher, exactly as training makes them. Plain metrics: student and teacher LM loss and perplexity, KL(teacher || student) at T = 1 over
   the full vocabulary, and top-1 agreement (the student's alone with no teacher); with two
   tokenizers KL is the cross-vocabulary kd at T = 1 and agreement compares tokens by their bytes,
   both over aligned pairs (each model's LM loss stays per its own tokens). `count/tokens` (KD tokens),
@@ -77,9 +78,15 @@ def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup
   """
   cfg, student, teacher = setup.objective, setup.student, setup.teacher
   models_out = run_models(state.params["student"], teacher_params, batch, cfg, student, teacher)
-  _, metrics = objective(state.params, teacher_params, batch, state.opt_step, cfg, student, teacher,
+  student_out, student_maps, teacher_out, _ = models_out
+  objective_batch = batch
+  if cfg.offline_top_k:  # records from the live teacher, as training makes them: comparable losses
+    record = offline_teacher.record_from_output(teacher_out, batch["teacher_attention_mask"], cfg,
+                                                min(student.vocab_size, teacher.vocab_size))
+    objective_batch = {**batch, offline_teacher.RECORD_KEY: record}
+    models_out = (student_out, student_maps, None, {})
+  _, metrics = objective(state.params, teacher_params, objective_batch, state.opt_step, cfg, student, teacher,
                          models_out=models_out, vocab_map=vocab_map)
-  student_out, _, teacher_out, _ = models_out
   mask_BxL = batch["student_attention_mask"]
   labels_BxL, label_mask_BxL = losses.next_token_labels(batch["student_input_ids"], mask_BxL)
   student_lm = losses.lm_loss(student_out.logits_BxLxV, labels_BxL, label_mask_BxL, chunk_size=cfg.chunk_size)

@@ -7,6 +7,8 @@ interrupted; exports the student in Hugging Face format at the end.
 """
 
 import dataclasses
+import functools
+import hashlib
 import os
 import signal
 import sys
@@ -19,11 +21,12 @@ from tqdm import tqdm
 from jaxdistill import checkpoint as ckpt
 from jaxdistill import config as config_lib
 from jaxdistill import metrics as metrics_lib
+from jaxdistill import offline_teacher
 from jaxdistill.build import (build_model, build_teacher_tokenizer, build_tokenizer, check_cross_vocab_objective,
                               vocab_map)
 from jaxdistill.data.alignment import vocab_size
 from jaxdistill.data.pipeline import DataPipeline
-from jaxdistill.errors import JaxDistillError
+from jaxdistill.errors import ConfigError, JaxDistillError
 from jaxdistill.metrics import log
 from jaxdistill.models import save_pretrained
 from jaxdistill.monitor import RunMonitor, out_of_memory_message
@@ -95,7 +98,8 @@ def _curriculum_rows(cur) -> list[str]:
   return rows
 
 
-def _summary(cfg, teacher, student, data, setup: StepSetup, total_steps: int, start_step: int) -> str:
+def _summary(cfg, teacher, student, data, setup: StepSetup, total_steps: int, start_step: int,
+             offline: "_Offline | None" = None) -> str:
   accumulation = setup.optim.accumulation_steps
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * accumulation
   device = jax.local_devices()[0]
@@ -106,6 +110,11 @@ def _summary(cfg, teacher, student, data, setup: StepSetup, total_steps: int, st
   else:
     models = [f"  teacher : {_model_line(teacher)}", f"  student : {_model_line(student)}{loss_scaling}"]
     objective = ["  curriculum:", *_curriculum_rows(setup.objective.curriculum)]
+    if offline is not None:
+      store = offline.store
+      objective.append(f"  offline teacher: top-{setup.objective.offline_top_k} logits, "
+                       f"{store.bytes_per_token:,.0f} bytes per token, {store.rows_filled:,} of {store.num_rows:,} "
+                       f"rows recorded in {store.directory}")
   return "\n".join([
       "[RUN]",
       f"  devices : {jax.device_count()} x {device.platform} ({device.device_kind})",
@@ -188,14 +197,18 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   evals_without_improvement = meta.get("evals_without_improvement", 0)
 
   train_step, eval_step = compile_steps(setup, teacher.params if distill else None, shared_tokens)
+  offline = _offline_teacher(cfg, workdir, objective, student.config, teacher, data) if objective.offline_top_k \
+      else None
   micro_step = int(state.step)
   start_opt_step = micro_step // accumulation
   total_micro = total_steps * accumulation
-  log(_summary(cfg, teacher, student, data, setup, total_steps, start_opt_step))
+  log(_summary(cfg, teacher, student, data, setup, total_steps, start_opt_step, offline))
   student = dataclasses.replace(student, params=None)  # the state owns (and donates) the params now
   writer = metrics_lib.MetricWriter(workdir, cfg.log.tensorboard)
 
   def run_meta(step: int) -> dict:
+    if offline is not None:  # the records written so far outlive the run with the checkpoint
+      offline.store.flush()
     return {"step": step, "micro_step": micro_step, "data_position": data.position(micro_step),
             "monitor": monitor.state_dict(), "best_metric": best_metric,
             "evals_without_improvement": evals_without_improvement}
@@ -224,13 +237,19 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   try:
     with _StopFlag() as stop:
       while micro_step < total_micro:
+        batch = _drill(data.train_batch(micro_step), micro_step, cfg.debug)
+        new_records = None
+        if offline is not None:
+          batch, new_records = offline.batch_with_records(batch, data.train_row_indices(micro_step))
         try:
-          state, step_metrics = train_step(state, _drill(data.train_batch(micro_step), micro_step, cfg.debug))
+          state, step_metrics = train_step(state, batch)
         except Exception as e:  # XLA raises JaxRuntimeError; only out-of-memory is translated
           message = out_of_memory_message(e, cfg.data.batch_size, cfg.data.seq_len, accumulation)
           if message:
             raise JaxDistillError(message) from None
           raise
+        if new_records is not None:  # written while the step runs
+          offline.store.put(*new_records)
         micro_step += 1
         window_tokens += cfg.data.batch_size * cfg.data.seq_len
         if micro_step % accumulation:
@@ -297,6 +316,38 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   else:
     log(f"[DONE] model exported to {export_dir}\n  held-out perplexity: {result['student_ppl']:.2f}")
   return result
+
+
+class _Offline:
+  """The offline teacher of a run: its records on disk and the compiled teacher that makes missing ones."""
+
+  def __init__(self, store: offline_teacher.OfflineTeacher, compute):
+    self.store, self._compute = store, compute
+
+  def batch_with_records(self, batch: dict, rows_B: np.ndarray):
+    """(batch with its rows' records, None) when all are on disk; else (batch with fresh ones, (rows, records))."""
+    records = self.store.get(rows_B)
+    if records is not None:
+      return {**batch, offline_teacher.RECORD_KEY: records}, None
+    records = self._compute(batch)
+    return {**batch, offline_teacher.RECORD_KEY: records}, (rows_B, records)
+
+
+def _offline_teacher(cfg, workdir: str, objective, student_config, teacher, data) -> _Offline:
+  """Opens (or creates) the run's offline-teacher records; its directory hashes everything they depend on."""
+  vocab = min(student_config.vocab_size, teacher.config.vocab_size)
+  if objective.offline_top_k > vocab:
+    raise ConfigError("offline_teacher.top_k", objective.offline_top_k, f"at most the vocabulary ({vocab} ids)")
+  arrays = offline_teacher.layout(objective, teacher.config, cfg.data.seq_len, vocab)
+  key = {"teacher": offline_teacher.params_fingerprint(teacher.params),
+         "teacher_config": repr(dataclasses.replace(teacher.config, remat="none")),
+         "rows": hashlib.sha256(np.ascontiguousarray(data.train_sequences).tobytes()).hexdigest(),
+         "temperatures": list(objective.curriculum.temperature), "vocab": vocab}
+  root = cfg.offline_teacher.dir or os.path.join(workdir, "offline_teacher")
+  store = offline_teacher.OfflineTeacher(os.path.expanduser(root), key, data.num_train_sequences, arrays)
+  compute = functools.partial(offline_teacher.compute_records, teacher.params, cfg=objective,
+                              student=student_config, teacher=teacher.config)
+  return _Offline(store, compute)
 
 
 def _emergency_save(checkpointer, state, micro_step, accumulation, run_meta, error) -> None:

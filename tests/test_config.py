@@ -79,6 +79,7 @@ def test_missing_config_file():
 @pytest.mark.parametrize("field, value, message", [
     ("student.dtype", "float64", r"'student.dtype' = 'float64' is not allowed: one of float32, bfloat16, float16"),
     ("teacher.param_dtype", "int8", r"'teacher.param_dtype' = 'int8' .* one of float32, bfloat16, float16"),
+    ("student.remat", "all", r"'student.remat' = 'all' .* one of none, full, dots, dots_no_batch"),
     ("student.arch.family", "mamba",
      r"'student.arch.family' = 'mamba' .* one of llama, qwen2, qwen3, gpt2, qwen3_moe, mixtral$"),
     ("student.arch.num_heads", 3, r"'student.arch.num_heads' = 3 .* a divisor of hidden_size=32"),

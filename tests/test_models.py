@@ -129,3 +129,30 @@ def test_forward_compiles_once_per_config(hf_checkpoints):
     ids_BxL, mask_BxL = padded_batch("left", seed=seed)
     models.forward(loaded.params, loaded.config, ids_BxL, mask_BxL)
   assert models.forward._cache_size() == before
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_no_batch"])
+def test_remat_keeps_the_params_and_the_gradients(policy):
+  """Recomputing blocks in the backward pass (models/config.py REMAT_POLICIES) changes memory, not maths."""
+  import dataclasses
+
+  cfg = models.ModelConfig(family="llama", vocab_size=97, hidden_size=32, num_layers=2, num_heads=4,
+                           num_kv_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=64)
+  remat = dataclasses.replace(cfg, remat=policy)
+  params = models.init_params(cfg, jax.random.key(0))
+  chex.assert_trees_all_equal_shapes_and_dtypes(params, models.param_shapes(remat))
+  ids_BxL, mask_BxL = padded_batch("right")
+
+  @jax.jit
+  def gradients(params):
+    def loss(params, c):  # logits, every hidden state and one attention map all reach the loss
+      out = models.forward(params, c, ids_BxL, mask_BxL, output_hidden_states=True, attention_layers=(1,))
+      return (jnp.mean(jax.nn.log_softmax(out.logits_BxLxV)) + sum(jnp.mean(h ** 2) for h in out.hidden_states)
+              + jnp.mean(out.attentions[0] ** 2))
+    return jax.grad(loss)(params, cfg), jax.grad(loss)(params, remat)
+
+  plain, recomputed = gradients(params)
+  chex.assert_trees_all_close(recomputed, plain, atol=1e-7, rtol=1e-6)
+  assert float(jnp.abs(plain["layers_0"]["attn"]["q"]["kernel"]).max()) > 0  # gradients reach the first block
+  with pytest.raises(ValueError, match="remat"):
+    dataclasses.replace(cfg, remat="some")

@@ -248,10 +248,14 @@ class DataPipeline:
 
   def train_batch(self, micro_step: int) -> dict[str, np.ndarray]:
     """Micro-batch number `micro_step` (0-based) of the endless shuffled stream."""
+    rows_B = self.train_row_indices(micro_step)
+    return _batch({key: rows[rows_B] for key, rows in self._train.items()})
+
+  def train_row_indices(self, micro_step: int) -> np.ndarray:
+    """Which packed train rows (indices in packing order) micro-batch `micro_step` holds, [batch_size]."""
     if micro_step < 0:
       raise ValueError(f"micro_step must be >= 0, got {micro_step}")
-    rows_B = np.asarray(self._train_stream[int(micro_step)])
-    return _batch({key: rows[rows_B] for key, rows in self._train.items()})
+    return np.asarray(self._train_stream[int(micro_step)])
 
   def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """The eval set in a fixed order, `num_eval_batches` batches; padding rows have mask 0."""

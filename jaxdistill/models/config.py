@@ -12,6 +12,12 @@ from typing import Any
 from jaxdistill.errors import ModelLoadError
 
 DTYPES = ("float32", "bfloat16", "float16")
+# What the backward pass keeps of each block (`jax.checkpoint` policies); the rest is recomputed.
+#   none: everything (no recomputation); full: only the block's input (recompute the whole block);
+#   dots: every matmul output (recompute norms, activations, softmax);
+#   dots_no_batch: matmuls with the weights only (recompute attention scores and probabilities, the
+#     B*H*L*L part, and the elementwise work).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 MOE_FAMILIES = ("qwen3_moe", "mixtral")  # families whose blocks may route tokens to experts
@@ -60,9 +66,12 @@ class ModelConfig:
   mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
   param_dtype: str = "float32"    # storage dtype of the parameters
   dtype: str = "float32"          # compute dtype of activations and matmuls
+  remat: str = "none"             # REMAT_POLICIES: what a block keeps for the backward pass (training only)
 
   def __post_init__(self):
     """Rejects MoE settings transformers would mis-handle or silently ignore (ValueError)."""
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat {self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
     if not self.num_experts:
       return
     if not 1 <= self.num_experts_per_tok <= self.num_experts:

@@ -196,17 +196,35 @@ class Block(nn.Module):
     return x_BxLxD + mlp_out, probs, router_logits, expert_outputs
 
 
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _block_class(cfg: ModelConfig):
+  """`Block`, or with `cfg.remat` a `Block` whose backward pass recomputes what the policy does not keep.
+
+  Static arguments (the return flags, 4 and 5 counting `self`) stay Python values under the transform.
+  """
+  if cfg.remat == "none":
+    return Block
+  return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(4, 5))
+
+
 class CausalLM(nn.Module):
   cfg: ModelConfig
 
   def setup(self):
     cfg = self.cfg
+    block = _block_class(cfg)
     self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                           param_dtype=cfg.param_dtype, embedding_init=_init(cfg))
     if cfg.rope is None:
       self.pos_embed = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=cfg.dtype,
                                 param_dtype=cfg.param_dtype, embedding_init=_init(cfg))
-    self.layers = [Block(cfg, i, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    self.layers = [block(cfg, i, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.final_norm = Norm(cfg)
     if not cfg.tie_word_embeddings:
       self.lm_head = _dense(cfg, cfg.vocab_size, False, "lm_head")
