@@ -41,6 +41,9 @@ def get_config(arg=None):
   # KD at T = 1 in every phase. The seed run's 2.0 / 1.75 / 1.5 makes this small student match the
   # teacher's softened tail at the expense of its head: it ends above the scratch baseline (README).
   cfg.curriculum.temperature = (1.0, 1.0, 1.0)
+  # A 257-token vocabulary: a whole batch's float32 logits are 1 MiB, so chunking the kd/lm
+  # vocabulary work saves nothing and its loop costs 19% of the step (bench/RESULTS.md).
+  cfg.distill.chunk_size = 0
   cfg.data.source = "builtin:stdlib_docs"      # offline corpus
   cfg.data.seq_len = 32 if smoke else 128      # tokens per sequence
   cfg.data.batch_size = 4 if smoke else 8      # sequences per micro-batch
