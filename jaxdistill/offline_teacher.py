@@ -241,3 +241,37 @@ class OfflineTeacher:
     for array in self._files.values():
       array.flush()
     self._filled.flush()
+
+
+class RunRecords:
+  """A training run's records: the store on disk and the compiled teacher that makes missing ones."""
+
+  def __init__(self, store: OfflineTeacher, compute):
+    self.store, self._compute = store, compute
+
+  def batch_with_records(self, batch: dict, rows_B: np.ndarray):
+    """(batch with its rows' records, None) when all are on disk; else (batch with fresh records,
+    (rows, records) for the caller to `store.put` once the step is dispatched)."""
+    records = self.store.get(rows_B)
+    if records is not None:
+      return {**batch, RECORD_KEY: records}, None
+    records = self._compute(batch)
+    return {**batch, RECORD_KEY: records}, (rows_B, records)
+
+
+def for_run(root: str, cfg, student: ModelConfig, teacher, data) -> RunRecords:
+  """Opens (or creates) a run's records under `root`, keyed by everything they depend on.
+
+  `teacher`: the loaded teacher (`hf_io.Pretrained`); `data`: the run's `DataPipeline` (one tokenizer).
+  """
+  vocab = min(student.vocab_size, teacher.config.vocab_size)
+  if cfg.offline_top_k > vocab:
+    raise ConfigError("offline_teacher.top_k", cfg.offline_top_k, f"at most the vocabulary ({vocab} ids)")
+  key = {"teacher": params_fingerprint(teacher.params),
+         "teacher_config": repr(dataclasses.replace(teacher.config, remat="none")),
+         "rows": hashlib.sha256(np.ascontiguousarray(data.train_sequences).tobytes()).hexdigest(),
+         "temperatures": list(cfg.curriculum.temperature), "vocab": vocab}
+  store = OfflineTeacher(os.path.expanduser(root), key, data.num_train_sequences,
+                         layout(cfg, teacher.config, data.cfg.seq_len, vocab))
+  compute = functools.partial(compute_records, teacher.params, cfg=cfg, student=student, teacher=teacher.config)
+  return RunRecords(store, compute)

@@ -69,8 +69,8 @@ def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup
   """The training objective at the state's step, plus plain metrics, and token counts for reduction.
 
   With an offline teacher (`cfg.offline_top_k`) the objective reads records made here from the live
-  teacher, exactly as training makes them. Plain metrics: student and teacher LM loss and perplexity, KL(teacher || student) at T = 1 over
-  the full vocabulary, and top-1 agreement (the student's alone with no teacher); with two
+  teacher, exactly as training makes them. Plain metrics: student and teacher LM loss and perplexity,
+  KL(teacher || student) at T = 1 over the full vocabulary, and top-1 agreement (the student's alone with no teacher); with two
   tokenizers KL is the cross-vocabulary kd at T = 1 and agreement compares tokens by their bytes,
   both over aligned pairs (each model's LM loss stays per its own tokens). `count/tokens` (KD tokens),
   `count/label_tokens` (LM targets), `count/teacher_label_tokens` and, with two tokenizers, `count/pairs`

@@ -7,8 +7,6 @@ interrupted; exports the student in Hugging Face format at the end.
 """
 
 import dataclasses
-import functools
-import hashlib
 import os
 import signal
 import sys
@@ -26,7 +24,7 @@ from jaxdistill.build import (build_model, build_teacher_tokenizer, build_tokeni
                               vocab_map)
 from jaxdistill.data.alignment import vocab_size
 from jaxdistill.data.pipeline import DataPipeline
-from jaxdistill.errors import ConfigError, JaxDistillError
+from jaxdistill.errors import JaxDistillError
 from jaxdistill.metrics import log
 from jaxdistill.models import save_pretrained
 from jaxdistill.monitor import RunMonitor, out_of_memory_message
@@ -99,7 +97,7 @@ def _curriculum_rows(cur) -> list[str]:
 
 
 def _summary(cfg, teacher, student, data, setup: StepSetup, total_steps: int, start_step: int,
-             offline: "_Offline | None" = None) -> str:
+             offline: offline_teacher.RunRecords | None = None) -> str:
   accumulation = setup.optim.accumulation_steps
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * accumulation
   device = jax.local_devices()[0]
@@ -197,8 +195,8 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   evals_without_improvement = meta.get("evals_without_improvement", 0)
 
   train_step, eval_step = compile_steps(setup, teacher.params if distill else None, shared_tokens)
-  offline = _offline_teacher(cfg, workdir, objective, student.config, teacher, data) if objective.offline_top_k \
-      else None
+  offline = offline_teacher.for_run(cfg.offline_teacher.dir or os.path.join(workdir, "offline_teacher"), objective,
+                                    student.config, teacher, data) if objective.offline_top_k else None
   micro_step = int(state.step)
   start_opt_step = micro_step // accumulation
   total_micro = total_steps * accumulation
@@ -316,38 +314,6 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   else:
     log(f"[DONE] model exported to {export_dir}\n  held-out perplexity: {result['student_ppl']:.2f}")
   return result
-
-
-class _Offline:
-  """The offline teacher of a run: its records on disk and the compiled teacher that makes missing ones."""
-
-  def __init__(self, store: offline_teacher.OfflineTeacher, compute):
-    self.store, self._compute = store, compute
-
-  def batch_with_records(self, batch: dict, rows_B: np.ndarray):
-    """(batch with its rows' records, None) when all are on disk; else (batch with fresh ones, (rows, records))."""
-    records = self.store.get(rows_B)
-    if records is not None:
-      return {**batch, offline_teacher.RECORD_KEY: records}, None
-    records = self._compute(batch)
-    return {**batch, offline_teacher.RECORD_KEY: records}, (rows_B, records)
-
-
-def _offline_teacher(cfg, workdir: str, objective, student_config, teacher, data) -> _Offline:
-  """Opens (or creates) the run's offline-teacher records; its directory hashes everything they depend on."""
-  vocab = min(student_config.vocab_size, teacher.config.vocab_size)
-  if objective.offline_top_k > vocab:
-    raise ConfigError("offline_teacher.top_k", objective.offline_top_k, f"at most the vocabulary ({vocab} ids)")
-  arrays = offline_teacher.layout(objective, teacher.config, cfg.data.seq_len, vocab)
-  key = {"teacher": offline_teacher.params_fingerprint(teacher.params),
-         "teacher_config": repr(dataclasses.replace(teacher.config, remat="none")),
-         "rows": hashlib.sha256(np.ascontiguousarray(data.train_sequences).tobytes()).hexdigest(),
-         "temperatures": list(objective.curriculum.temperature), "vocab": vocab}
-  root = cfg.offline_teacher.dir or os.path.join(workdir, "offline_teacher")
-  store = offline_teacher.OfflineTeacher(os.path.expanduser(root), key, data.num_train_sequences, arrays)
-  compute = functools.partial(offline_teacher.compute_records, teacher.params, cfg=objective,
-                              student=student_config, teacher=teacher.config)
-  return _Offline(store, compute)
 
 
 def _emergency_save(checkpointer, state, micro_step, accumulation, run_meta, error) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxdistill import config as config_lib
-from jaxdistill import losses, models, offline_teacher, steps, trainer
+from jaxdistill import losses, models, offline_teacher, steps
 from jaxdistill.config import ArchSpec
 from jaxdistill.curriculum import CurriculumConfig
 from jaxdistill.errors import ConfigError
@@ -136,7 +136,7 @@ def test_the_trainer_computes_records_once_and_reads_them_back(tmp_path):
     calls.append(batch["n"])
     return {"topk_ids": np.full((2, 2, 1), batch["n"], np.int32), "lse": np.zeros((2, 2, 1), np.float32)}
 
-  offline = trainer._Offline(store, compute)
+  offline = offline_teacher.RunRecords(store, compute)
   batch, fresh = offline.batch_with_records({"n": 7}, np.array([3, 1]))
   assert calls == [7] and fresh[0].tolist() == [3, 1]
   store.put(*fresh)
