@@ -216,7 +216,7 @@ def time_offline(bench: Bench, top_k: int, repeats: int, directory: str) -> dict
   off_setup = dataclasses.replace(live_setup, objective=dataclasses.replace(live_setup.objective, offline_top_k=top_k))
   offline_teacher.check(off_setup.objective, top_k)
   state = bench.state
-  live = jax.jit(steps.train_step, static_argnames="setup", donate_argnames="state")
+  jit_train = jax.jit(steps.train_step, static_argnames="setup", donate_argnames="state")
   batch_size, seq_len = bench.batches[0]["student_input_ids"].shape
   vocab = min(setup.student.vocab_size, setup.teacher.vocab_size)
   arrays = offline_teacher.layout(off_setup.objective, setup.teacher, seq_len, vocab)
@@ -232,7 +232,7 @@ def time_offline(bench: Bench, top_k: int, repeats: int, directory: str) -> dict
     for i, batch in enumerate(bench.batches):
       records, write = records_of(i, batch)
       batch = {**batch, offline_teacher.RECORD_KEY: records}
-      state, metrics = live(state, batch, bench.teacher_params, setup=off_setup)
+      state, metrics = jit_train(state, batch, bench.teacher_params, setup=off_setup)
       if write:
         store.put(rows[i], records)
     jax.block_until_ready((state, metrics))
@@ -240,7 +240,7 @@ def time_offline(bench: Bench, top_k: int, repeats: int, directory: str) -> dict
   def live_step():
     nonlocal state
     for batch in bench.batches:
-      state, metrics = live(state, batch, bench.teacher_params, setup=live_setup)
+      state, metrics = jit_train(state, batch, bench.teacher_params, setup=live_setup)
     jax.block_until_ready((state, metrics))
 
   live_s = _median_seconds(live_step, repeats)

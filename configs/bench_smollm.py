@@ -10,11 +10,12 @@ layerwise, contrastive) is compiled in, as in a real run.
   (no arg)  bf16 compute, fp32 master weights for the student, a bf16 teacher (H100/H200 class).
   :p100     the P100 run's numerics and batch (`configs/p100_same_tokenizer.py`): fp16 compute with
             dynamic loss scaling, an fp16 teacher, 4 x 512 tokens per micro-batch, 16 micro-batches.
+  :smoke    the same objective on tiny Llama models (byte vocabulary), for a CPU in seconds.
 """
 
 from jaxdistill import config as config_lib
 
-ARGS = ("p100",)
+ARGS = ("p100", "smoke")
 VOCAB = 49152
 
 
@@ -36,4 +37,12 @@ def get_config(arg=None):
   cfg.data.batch_size = 4 if p100 else 8
   cfg.optim.accumulation_steps = 16 if p100 else 1
   cfg.train.max_steps = 1000
+  if arg == "smoke":
+    cfg.teacher.arch.update(vocab_size=0, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                            intermediate_size=128, max_position_embeddings=64)
+    cfg.student.arch.update(vocab_size=0, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                            intermediate_size=64, max_position_embeddings=64)
+    cfg.data.seq_len = 32
+    cfg.data.batch_size = 2
+    cfg.optim.accumulation_steps = 2
   return cfg

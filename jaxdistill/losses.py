@@ -23,24 +23,27 @@ def masked_mean(value_BxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(mask, value_BxL, 0.0)) / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
 
 
-def token_chunks(per_token: Callable, arrays: tuple[jax.Array, ...], chunk_size: int | None) -> jax.Array:
-  """Applies `per_token` (arrays [N, ...] -> values [N]) chunk by chunk over the flattened tokens.
+def token_chunks(per_token: Callable, arrays: tuple[jax.Array, ...], chunk_size: int | None):
+  """Applies `per_token` (arrays [N, ...] -> values [N, ...], or a tuple of them) chunk by chunk over
+  the flattened tokens.
 
-  Returns the values for all B*L tokens, shaped [B, L]. Each chunk is wrapped in `jax.checkpoint`,
-  so the backward pass recomputes a chunk's float32 intermediates rather than keeping them all.
+  Returns the values for all B*L tokens, shaped [B, L, ...]. Each chunk is wrapped in
+  `jax.checkpoint`, so the backward pass recomputes a chunk's float32 intermediates rather than
+  keeping them all.
   """
   batch, length = arrays[0].shape[:2]
   flat = [a.reshape((batch * length,) + a.shape[2:]) for a in arrays]
   tokens = batch * length
   if not chunk_size or chunk_size >= tokens:
-    return per_token(*flat).reshape(batch, length)
+    return jax.tree.map(lambda v: v.reshape((batch, length) + v.shape[1:]), per_token(*flat))
   num_chunks = -(-tokens // chunk_size)
   pad = num_chunks * chunk_size - tokens
   chunked = [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape((num_chunks, chunk_size) + a.shape[1:])
              for a in flat]
   body = jax.checkpoint(lambda _, xs: (None, per_token(*xs)))
   _, values = jax.lax.scan(body, None, chunked)
-  return values.reshape(-1)[:tokens].reshape(batch, length)
+  return jax.tree.map(lambda v: v.reshape((-1,) + v.shape[2:])[:tokens].reshape((batch, length) + v.shape[2:]),
+                      values)
 
 
 # --------------------------------------------------------------------------------------------

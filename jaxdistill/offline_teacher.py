@@ -88,27 +88,14 @@ def record_from_output(teacher_out, teacher_mask_BxL, cfg, vocab: int) -> dict[s
     lse_NxP = jax.vmap(lambda t: jax.nn.logsumexp((z_NxV - z_max_Nx1) / t, axis=-1), out_axes=-1)(temperatures)
     return (top_NxK - z_max_Nx1).astype(dtype), ids_NxK.astype(jnp.int32), lse_NxP
 
-  batch, length = logits_BxLxV.shape[:2]
-  top, ids, lse = _token_map(per_token, logits_BxLxV.reshape(batch * length, -1), cfg.chunk_size)
-  record = {"topk_logits": top.reshape(batch, length, -1), "topk_ids": ids.reshape(batch, length, -1),
-            "lse": lse.reshape(batch, length, -1)}
+  top_BxLxK, ids_BxLxK, lse_BxLxP = losses.token_chunks(per_token, (logits_BxLxV,), cfg.chunk_size)
+  record = {"topk_logits": top_BxLxK, "topk_ids": ids_BxLxK, "lse": lse_BxLxP}
   layers = hidden_layers(cfg)
   if layers:
     record["hidden"] = jnp.stack([teacher_out.hidden_states[t] for t in layers], axis=2)
   if cfg.enabled("contrastive"):
     record["pooled"] = losses.masked_mean_pool(teacher_out.hidden_states[-1], teacher_mask_BxL)
   return jax.lax.stop_gradient(record)
-
-
-def _token_map(fn, x_NxV: jax.Array, chunk_size: int):
-  """`fn` over the rows of x, `chunk_size` rows at a time (so no float32 [N, V] copy exists at once)."""
-  tokens = x_NxV.shape[0]
-  if not chunk_size or chunk_size >= tokens:
-    return fn(x_NxV)
-  chunks = -(-tokens // chunk_size)
-  padded = jnp.pad(x_NxV, [(0, chunks * chunk_size - tokens), (0, 0)]).reshape(chunks, chunk_size, -1)
-  outputs = jax.lax.map(fn, padded)
-  return jax.tree.map(lambda y: y.reshape((chunks * chunk_size,) + y.shape[2:])[:tokens], outputs)
 
 
 def _needs_states(cfg) -> bool:

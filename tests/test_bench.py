@@ -59,8 +59,7 @@ def test_the_step_benchmark_times_whole_optimizer_steps():
   from bench.step import build, time_train_step
   from jaxdistill import config as config_lib
 
-  cfg = config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", {"mode": "lm", "stages.teacher_steps": 0,
-                                                                       "stages.scratch_baseline": False}))
+  cfg = config_lib.parse(config_lib.load("configs/bench_smollm.py:smoke"))  # the benchmark config's smoke form
   bench = build(cfg, batch_size=2, seq_len=16)
   assert len(bench.batches) == cfg.optim.accumulation_steps and bench.tokens_per_step == 2 * 16 * len(bench.batches)
   before = int(bench.state.step)

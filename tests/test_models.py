@@ -131,16 +131,16 @@ def test_forward_compiles_once_per_config(hf_checkpoints):
   assert models.forward._cache_size() == before
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_no_batch"])
-def test_remat_keeps_the_params_and_the_gradients(policy):
+def test_remat_keeps_the_params_and_the_gradients():
   """Recomputing blocks in the backward pass (models/config.py REMAT_POLICIES) changes memory, not maths."""
   import dataclasses
 
   cfg = models.ModelConfig(family="llama", vocab_size=97, hidden_size=32, num_layers=2, num_heads=4,
                            num_kv_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=64)
-  remat = dataclasses.replace(cfg, remat=policy)
+  policies = ("full", "dots_no_batch")
   params = models.init_params(cfg, jax.random.key(0))
-  chex.assert_trees_all_equal_shapes_and_dtypes(params, models.param_shapes(remat))
+  for policy in policies:
+    chex.assert_trees_all_equal_shapes_and_dtypes(params, models.param_shapes(dataclasses.replace(cfg, remat=policy)))
   ids_BxL, mask_BxL = padded_batch("right")
 
   @jax.jit
@@ -149,10 +149,11 @@ def test_remat_keeps_the_params_and_the_gradients(policy):
       out = models.forward(params, c, ids_BxL, mask_BxL, output_hidden_states=True, attention_layers=(1,))
       return (jnp.mean(jax.nn.log_softmax(out.logits_BxLxV)) + sum(jnp.mean(h ** 2) for h in out.hidden_states)
               + jnp.mean(out.attentions[0] ** 2))
-    return jax.grad(loss)(params, cfg), jax.grad(loss)(params, remat)
+    return [jax.grad(loss)(params, dataclasses.replace(cfg, remat=p)) for p in ("none",) + policies]
 
-  plain, recomputed = gradients(params)
-  chex.assert_trees_all_close(recomputed, plain, atol=1e-7, rtol=1e-6)
+  plain, *recomputed = gradients(params)
+  for policy, grads in zip(policies, recomputed):
+    chex.assert_trees_all_close(grads, plain, atol=1e-7, rtol=1e-6, custom_message=policy)
   assert float(jnp.abs(plain["layers_0"]["attn"]["q"]["kernel"]).max()) > 0  # gradients reach the first block
   with pytest.raises(ValueError, match="remat"):
     dataclasses.replace(cfg, remat="some")

@@ -270,8 +270,10 @@ def test_unwritable_workdir(env):
 
 def test_every_config_is_run_in_its_smoke_form():
   import glob
-  # cpu_demo: the smoke_run fixture; p100*: test_p100_smoke_forms_train_and_export. Add new configs there.
-  assert set(glob.glob("configs/*.py")) == {"configs/cpu_demo.py", "configs/p100.py", "configs/p100_same_tokenizer.py"}
+  # cpu_demo: the smoke_run fixture; p100*: test_p100_smoke_forms_train_and_export; bench_smollm (a benchmark
+  # config): tests/test_bench.py times its smoke form through bench.step. Add new configs there.
+  assert set(glob.glob("configs/*.py")) == {"configs/cpu_demo.py", "configs/p100.py", "configs/p100_same_tokenizer.py",
+                                            "configs/bench_smollm.py"}
 
 
 def test_run_block_describes_the_data(smoke_run):
