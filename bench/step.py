@@ -37,13 +37,13 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
 from jaxdistill import config as config_lib  # noqa: E402
-from jaxdistill import offline_teacher, steps  # noqa: E402
+from jaxdistill import offline_teacher, parallel, steps  # noqa: E402
 from jaxdistill.build import build_model, build_tokenizer  # noqa: E402
 from jaxdistill.data.alignment import vocab_size  # noqa: E402
 from jaxdistill.models import ModelConfig, param_shapes, save_pretrained  # noqa: E402
 from jaxdistill.objective import init_heads  # noqa: E402
 from jaxdistill.optim import make_optimizer  # noqa: E402
-from jaxdistill.state import create_train_state  # noqa: E402
+from jaxdistill.state import create_placed_train_state  # noqa: E402
 
 
 
@@ -119,6 +119,7 @@ class Bench:
   student_model: object
   state: object
   batches: list
+  plan: parallel.MeshPlan
 
   @property
   def tokens_per_step(self) -> int:
@@ -126,7 +127,12 @@ class Bench:
 
 
 def build(cfg: config_lib.Config, batch_size: int, seq_len: int) -> Bench:
-  """Models from the config (random or loaded), a fresh state and random token batches of one step."""
+  """Models from the config (random or loaded), a fresh state and random token batches of one step.
+
+  Everything is placed on the config's mesh (`cfg.mesh`; one device is a 1 x 1 x 1 mesh), as training places it.
+  """
+  plan = parallel.MeshPlan(cfg.mesh)
+  plan.check_batch_size(batch_size)
   tokenizer = build_tokenizer(cfg)
   teacher_rng, student_rng, heads_rng, state_rng, data_rng = jax.random.split(jax.random.key(cfg.seed), 5)
   teacher = build_model(cfg.teacher, vocab_size(tokenizer), teacher_rng, "teacher") if cfg.mode == "distill" else None
@@ -139,16 +145,18 @@ def build(cfg: config_lib.Config, batch_size: int, seq_len: int) -> Bench:
   setup = steps.StepSetup(objective, student.config, teacher_config, optim,
                           dynamic_loss_scale=student.config.dtype == "float16")
   tx, _ = make_optimizer(optim)
-  state = create_train_state(student.params, init_heads(objective, student.config, teacher_config, heads_rng), tx,
-                             state_rng, 2.0 ** 15 if setup.dynamic_loss_scale else 1.0)
+  state = create_placed_train_state(plan, student.params, init_heads(objective, student.config, teacher_config,
+                                                                    heads_rng), tx, state_rng,
+                                    2.0 ** 15 if setup.dynamic_loss_scale else 1.0)
+  teacher_params = plan.put(teacher.params, plan.teacher_shardings(teacher.params)) if teacher else None
   vocab = min(student.config.vocab_size, teacher_config.vocab_size if teacher_config else student.config.vocab_size)
   batches = []
   for rng in jax.random.split(data_rng, optim.accumulation_steps):
     ids_BxL = np.asarray(jax.random.randint(rng, (batch_size, seq_len), 0, vocab), np.int32)
     mask_BxL = np.ones_like(ids_BxL)
-    batches.append({"student_input_ids": ids_BxL, "student_attention_mask": mask_BxL,
-                    "teacher_input_ids": ids_BxL, "teacher_attention_mask": mask_BxL})
-  return Bench(cfg, setup, teacher.params if teacher else None, teacher, student, state, batches)
+    batches.append(plan.global_batch({"student_input_ids": ids_BxL, "student_attention_mask": mask_BxL,
+                                      "teacher_input_ids": ids_BxL, "teacher_attention_mask": mask_BxL}, batch_size))
+  return Bench(cfg, setup, teacher_params, teacher, student, state, batches, plan)
 
 
 def _median_seconds(run_step, repeats: int) -> float:
@@ -163,7 +171,7 @@ def _median_seconds(run_step, repeats: int) -> float:
 
 def compile_step(bench: Bench, donate: bool = True):
   """(the compiled train step, seconds to lower and compile it, XLA's estimate of its peak bytes)."""
-  jit_train = jax.jit(steps.train_step, static_argnames="setup", donate_argnames="state" if donate else ())
+  jit_train = steps.jit_train_step(bench.plan, bench.state, donate)
   start = time.perf_counter()
   compiled = jit_train.lower(bench.state, bench.batches[0], bench.teacher_params, setup=bench.setup).compile()
   return compiled, time.perf_counter() - start, xla_peak_bytes(compiled.memory_analysis())
@@ -189,7 +197,8 @@ def time_train_step(bench: Bench, repeats: int, donate: bool = True) -> dict:
   if "peak_bytes_in_use" in stats:
     result["device_peak_bytes"] = stats["peak_bytes_in_use"]
   peak = peak_flops(device.device_kind, bench.setup.student.dtype)
-  if peak:
+  if peak:  # tokens/s counts every device of the mesh, and so does the peak
+    peak *= jax.device_count()
     seq_len = bench.batches[0]["student_input_ids"].shape[1]
     flops = step_flops_per_token(bench.setup.student, bench.setup.teacher, seq_len)
     result["mfu"] = flops * result["tokens_per_s"] / peak
@@ -216,7 +225,7 @@ def time_offline(bench: Bench, top_k: int, repeats: int, directory: str) -> dict
   off_setup = dataclasses.replace(live_setup, objective=dataclasses.replace(live_setup.objective, offline_top_k=top_k))
   offline_teacher.check(off_setup.objective, top_k)
   state = bench.state
-  jit_train = jax.jit(steps.train_step, static_argnames="setup", donate_argnames="state")
+  jit_train = steps.jit_train_step(bench.plan, bench.state)
   batch_size, seq_len = bench.batches[0]["student_input_ids"].shape
   vocab = min(setup.student.vocab_size, setup.teacher.vocab_size)
   arrays = offline_teacher.layout(off_setup.objective, setup.teacher, seq_len, vocab)

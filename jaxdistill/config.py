@@ -22,6 +22,7 @@ from jaxdistill.errors import CommandLineError, ConfigError
 from jaxdistill.monitor import MonitorConfig
 from jaxdistill.offline_teacher import OfflineTeacherSpec
 from jaxdistill.optim import OptimConfig
+from jaxdistill.parallel import MeshSpec
 from jaxdistill.router import RouterConfig
 from jaxdistill.schema import (EVAL_METRICS, MODES, ArchSpec, CheckpointSpec, Config, DebugSpec,  # noqa: F401
                                DistillSpec, LogSpec, ModelSpec, StagesSpec, TrainSpec, parse)
@@ -57,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
       # DataConfig (jaxdistill/data/pipeline.py), DistillSpec, TrainSpec, CheckpointSpec, LogSpec,
       # StagesSpec (schema.py), OfflineTeacherSpec (offline_teacher.py), CurriculumConfig (curriculum.py),
       # RouterConfig (router.py), OptimConfig (optim.py),
-      # MonitorConfig (monitor.py).
+      # MonitorConfig (monitor.py), MeshSpec (parallel.py).
       "data": dataclasses.asdict(DataConfig()),
       "distill": dataclasses.asdict(DistillSpec()),
       "curriculum": dataclasses.asdict(CurriculumConfig()),
@@ -70,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
       "debug": dataclasses.asdict(DebugSpec()),
       "stages": dataclasses.asdict(StagesSpec()),   # teacher training before, scratch baseline after
       "offline_teacher": dataclasses.asdict(OfflineTeacherSpec()),  # teacher top-k records reused after epoch 1
+      "mesh": dataclasses.asdict(MeshSpec()),       # devices: data / fsdp / tensor parallel ways, multi-host
   })
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxdistill.objective import COMPONENTS
+from jaxdistill.parallel import is_main_process
 
 # The counts each metric is a mean over, the first one present (older eval steps lack the later counts);
 # all others are means over (student) tokens.
@@ -66,8 +67,9 @@ def _ppl(loss: float) -> float:
 
 
 def log(message: str) -> None:
-  """Prints a run block to stdout without breaking the progress bar (which lives on stderr)."""
-  tqdm.write(message, file=sys.stdout)
+  """Prints a run block to stdout without breaking the progress bar (on stderr); process 0 only."""
+  if is_main_process():
+    tqdm.write(message, file=sys.stdout)
 
 
 def curriculum_block(step: int, total_steps: int, split: str, metrics: dict) -> str:
@@ -107,6 +109,16 @@ def _plain(value):
   if isinstance(value, np.ndarray) and value.ndim == 0:
     return _plain(value.item())
   return value
+
+
+class NullWriter:
+  """What processes other than 0 write metrics to: nothing (every process holds the same values)."""
+
+  def write(self, step: int, split: str, metrics: dict) -> None:
+    del step, split, metrics
+
+  def close(self) -> None:
+    pass
 
 
 class MetricWriter:

@@ -236,12 +236,15 @@ class RunRecords:
   def __init__(self, store: OfflineTeacher, compute):
     self.store, self._compute = store, compute
 
-  def batch_with_records(self, batch: dict, rows_B: np.ndarray):
+  def batch_with_records(self, batch: dict, rows_B: np.ndarray, place=None):
     """(batch with its rows' records, None) when all are on disk; else (batch with fresh records,
-    (rows, records) for the caller to `store.put` once the step is dispatched)."""
+    (rows, records) for the caller to `store.put` once the step is dispatched).
+
+    `place`: puts records read from disk where the batch lives (`MeshPlan.global_batch`).
+    """
     records = self.store.get(rows_B)
     if records is not None:
-      return {**batch, RECORD_KEY: records}, None
+      return {**batch, RECORD_KEY: place(records) if place else records}, None
     records = self._compute(batch)
     return {**batch, RECORD_KEY: records}, (rows_B, records)
 

@@ -22,6 +22,7 @@ from jaxdistill.offline_teacher import OfflineTeacherSpec
 from jaxdistill.offline_teacher import check as check_offline
 from jaxdistill.objective import COMPONENTS, ObjectiveConfig
 from jaxdistill.optim import OptimConfig
+from jaxdistill.parallel import MeshSpec, check_batch_size, check_spec
 from jaxdistill.router import EXPERT_SOURCES, RouterConfig
 from jaxdistill.tokenizer import BYTE_TOKENIZER
 
@@ -173,6 +174,7 @@ class Config:
   debug: DebugSpec
   stages: StagesSpec
   offline_teacher: OfflineTeacherSpec
+  mesh: MeshSpec
 
 
 def _name(where: str, field: str) -> str:
@@ -383,6 +385,8 @@ def parse(cfg: ml_collections.ConfigDict) -> Config:
   if offline.top_k:
     check_offline(objective, offline.top_k)
     objective = dataclasses.replace(objective, offline_top_k=offline.top_k)
+  data = _data(cfg)
+  mesh = _mesh(cfg, data.batch_size)
   return Config(
       seed=_positive_int(cfg, "seed", "", minimum=0),
       mode=mode,
@@ -390,7 +394,7 @@ def parse(cfg: ml_collections.ConfigDict) -> Config:
       student=student,
       tokenizer=tokenizer,
       teacher_tokenizer=teacher_tokenizer,
-      data=_data(cfg),
+      data=data,
       objective=objective,
       optim=optim,
       train=_train(cfg, mode),
@@ -399,7 +403,16 @@ def parse(cfg: ml_collections.ConfigDict) -> Config:
       monitor=_monitor(cfg),
       debug=_debug(cfg, mode),
       stages=_stages(cfg, mode, teacher),
-      offline_teacher=offline)
+      offline_teacher=offline,
+      mesh=mesh)
+
+
+def _mesh(cfg, batch_size: int) -> MeshSpec:
+  """The `mesh` group; the batch check here covers explicit sizes (mesh.data=-1 waits for the devices)."""
+  m = check_spec(MeshSpec(**_group(_get(cfg, "mesh", ""), MeshSpec, "mesh")))
+  if m.data != -1:
+    check_batch_size(batch_size, m.data, m.fsdp)
+  return m
 
 
 def _offline(cfg, mode: str) -> OfflineTeacherSpec:

@@ -23,6 +23,7 @@ from jaxdistill.data.corpus import source_fingerprint
 from jaxdistill.errors import JaxDistillError
 from jaxdistill.metrics import log
 from jaxdistill.offline_teacher import OfflineTeacherSpec
+from jaxdistill.parallel import is_main_process
 from jaxdistill.schema import LM_EVAL_METRICS
 from jaxdistill.trainer import train_and_evaluate
 
@@ -98,9 +99,10 @@ def trained_teacher(cfg: Config, data_cache: str | None = None) -> str:
     return export
   log(f"[TEACHER] training the teacher by plain LM for {cfg.stages.teacher_steps:,} steps in {directory}")
   result = train_and_evaluate(teacher_config(cfg), directory, data_cache=data_cache)
-  with open(done, "w") as f:
-    json.dump({"steps": cfg.stages.teacher_steps, "key": teacher_key(cfg), "eval": result}, f, indent=1,
-              sort_keys=True)
+  if is_main_process():
+    with open(done, "w") as f:
+      json.dump({"steps": cfg.stages.teacher_steps, "key": teacher_key(cfg), "eval": result}, f, indent=1,
+                sort_keys=True)
   return export
 
 
@@ -159,11 +161,14 @@ def run(cfg: Config, workdir: str, resume: str | None = None) -> dict:
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.accumulation_steps
     summary = comparison(result, scratch, tokens_per_step)
     table = comparison_table(summary)
-    with open(os.path.join(workdir, COMPARISON_JSON), "w") as f:
-      json.dump(summary, f, indent=1, sort_keys=True)
-    with open(os.path.join(workdir, COMPARISON_MD), "w") as f:
-      f.write(table + "\n")
+    if is_main_process():
+      with open(os.path.join(workdir, COMPARISON_JSON), "w") as f:
+        json.dump(summary, f, indent=1, sort_keys=True)
+      with open(os.path.join(workdir, COMPARISON_MD), "w") as f:
+        f.write(table + "\n")
     log(f"[COMPARISON] held-out perplexity (also in {os.path.join(workdir, COMPARISON_MD)})\n{table}")
+  if not is_main_process():  # process 0 alone writes files (every process holds the same results)
+    return result
   try:
     png, _ = plot.write_plot(workdir)
     log(f"[PLOT] {png}")

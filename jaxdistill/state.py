@@ -47,3 +47,18 @@ def create_train_state(student_params, heads_params, tx: optax.GradientTransform
                     nonfinite={k: jnp.zeros((), jnp.int32) for k in NONFINITE_COUNTERS},
                     loss_scale=jnp.asarray(initial_loss_scale, jnp.float32),
                     loss_scale_good_steps=jnp.zeros((), jnp.int32))
+
+
+def create_placed_train_state(plan, student_params, heads_params, tx: optax.GradientTransformation, rng: jax.Array,
+                              initial_loss_scale: float = 1.0) -> TrainState:
+  """`create_train_state` directly in the shardings of `plan` (a `parallel.MeshPlan`).
+
+  The student's params go to their shards first and the optimizer state is created in its own, so no
+  device ever holds all of a sharded state.
+  """
+  def create(student_params, heads_params, rng):
+    return create_train_state(student_params, heads_params, tx, rng, initial_loss_scale)
+
+  shardings = plan.state_shardings(jax.eval_shape(create, student_params, heads_params, rng))
+  student_params = plan.put(student_params, shardings.params["student"])
+  return jax.jit(create, out_shardings=shardings)(student_params, heads_params, rng)

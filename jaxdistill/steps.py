@@ -18,6 +18,7 @@ from jaxdistill import cross_vocab, losses, offline_teacher
 from jaxdistill.models import ModelConfig
 from jaxdistill.objective import COMPONENTS, ObjectiveConfig, objective, run_models
 from jaxdistill.optim import OptimConfig, make_optimizer
+from jaxdistill.parallel import MeshPlan
 from jaxdistill.state import TrainState
 
 
@@ -123,12 +124,31 @@ def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup
   return metrics
 
 
-def compile_steps(setup: StepSetup, teacher_params, vocab_map=None):
+def jit_train_step(plan: MeshPlan | None = None, state=None, donate: bool = True):
+  """`train_step` jitted (setup static); with a `plan`, its state and metrics leave it with fixed shardings.
+
+  Pinning the new state to the shardings of `state` (what `plan.state_shardings` gave it) keeps every
+  step's input and output layout one, so the donated buffers are reused in place.
+  """
+  donate_argnames = "state" if donate else ()
+  if plan is None:
+    return jax.jit(train_step, static_argnames="setup", donate_argnames=donate_argnames)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  return plan.bind(jax.jit(train_step, static_argnames="setup", donate_argnames=donate_argnames,
+                           out_shardings=(shardings, plan.replicated)))
+
+
+def compile_steps(setup: StepSetup, teacher_params, vocab_map=None, plan: MeshPlan | None = None, state=None):
   """(train_step(state, batch), eval_step(state, batch)), jitted once, the state donated in training.
 
-  `vocab_map` (a `cross_vocab.VocabMap`) when teacher and student have different tokenizers.
+  `vocab_map` (a `cross_vocab.VocabMap`) when teacher and student have different tokenizers. With a
+  `plan`, `state` (already placed by the plan) fixes the layout the train step keeps, and metrics come
+  back replicated.
   """
-  jit_train = jax.jit(train_step, static_argnames="setup", donate_argnames="state")
-  jit_eval = jax.jit(eval_step, static_argnames="setup")
+  jit_train = jit_train_step(plan, state)
+  jit_eval = jax.jit(eval_step, static_argnames="setup",
+                     **({"out_shardings": plan.replicated} if plan is not None else {}))
+  if plan is not None:
+    jit_eval = plan.bind(jit_eval)
   return (functools.partial(jit_train, teacher_params=teacher_params, vocab_map=vocab_map, setup=setup),
           functools.partial(jit_eval, teacher_params=teacher_params, vocab_map=vocab_map, setup=setup))

@@ -19,18 +19,18 @@ from tqdm import tqdm
 from jaxdistill import checkpoint as ckpt
 from jaxdistill import config as config_lib
 from jaxdistill import metrics as metrics_lib
-from jaxdistill import offline_teacher
+from jaxdistill import offline_teacher, parallel
 from jaxdistill.build import (build_model, build_teacher_tokenizer, build_tokenizer, check_cross_vocab_objective,
                               vocab_map)
 from jaxdistill.data.alignment import vocab_size
 from jaxdistill.data.pipeline import DataPipeline
-from jaxdistill.errors import JaxDistillError
+from jaxdistill.errors import ConfigError, JaxDistillError
 from jaxdistill.metrics import log
 from jaxdistill.models import save_pretrained
 from jaxdistill.monitor import RunMonitor, out_of_memory_message
 from jaxdistill.objective import COMPONENTS, init_heads
 from jaxdistill.optim import make_optimizer
-from jaxdistill.state import create_train_state
+from jaxdistill.state import create_placed_train_state
 from jaxdistill.steps import StepSetup, compile_steps
 
 FP16_INITIAL_LOSS_SCALE = 2.0 ** 15
@@ -96,7 +96,7 @@ def _curriculum_rows(cur) -> list[str]:
   return rows
 
 
-def _summary(cfg, teacher, student, data, setup: StepSetup, total_steps: int, start_step: int,
+def _summary(cfg, teacher, student, data, setup: StepSetup, total_steps: int, start_step: int, plan: parallel.MeshPlan,
              offline: offline_teacher.RunRecords | None = None) -> str:
   accumulation = setup.optim.accumulation_steps
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * accumulation
@@ -115,7 +115,7 @@ def _summary(cfg, teacher, student, data, setup: StepSetup, total_steps: int, st
                        f"rows recorded in {store.directory}")
   return "\n".join([
       "[RUN]",
-      f"  devices : {jax.device_count()} x {device.platform} ({device.device_kind})",
+      f"  devices : {jax.device_count()} x {device.platform} ({device.device_kind}); mesh {plan.describe()}",
       *models,
       f"  data    : {data.summary()}",
       f"  steps   : {total_steps:,} optimizer steps x {accumulation} micro-batches of {cfg.data.batch_size} = "
@@ -135,20 +135,27 @@ def _drill(batch: dict, micro_step: int, debug) -> dict:
   return {**batch, "inject_nonfinite": inject}
 
 
-def _evaluate(eval_step, state, data) -> dict:
+def _evaluate(eval_step, state, data, plan: parallel.MeshPlan) -> dict:
   reducer = metrics_lib.EvalReducer()
-  for batch in data.eval_batches():
-    reducer.add(_host(eval_step(state, batch)))
+  for batch in data.eval_batches(plan.host_rows(data.cfg.batch_size)):
+    reducer.add(_host(eval_step(state, plan.global_batch(batch, data.cfg.batch_size))))
   return reducer.result()
 
 
 def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None = None,
-                       data_cache: str | None = None) -> dict:
+                       data_cache: str | None = None, devices=None) -> dict:
   """Runs one training run; returns the final evaluation metrics.
 
   `resume`: a checkpoint path or None. `data_cache`: where packed data is cached (default
   WORKDIR/data_cache; the cache key covers everything the arrays depend on, so runs may share one).
+  `devices`: the devices the mesh spans (default: every device of the run, `jax.devices()`).
   """
+  parallel.initialize(cfg.mesh)  # multi-host: joins the cluster before anything touches a device
+  plan = parallel.MeshPlan(cfg.mesh, devices)
+  plan.check_batch_size(cfg.data.batch_size)
+  if jax.process_count() > 1 and cfg.offline_teacher.top_k:
+    raise ConfigError("offline_teacher.top_k", cfg.offline_teacher.top_k,
+                      "0 in a multi-process run (records are kept by a single process)")
   os.makedirs(workdir, exist_ok=True)
   distill = cfg.mode == "distill"  # otherwise plain LM training: no teacher at all
   tokenizer = build_tokenizer(cfg)
@@ -179,8 +186,13 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   fp16 = student.config.dtype == "float16"
   setup = StepSetup(objective, student.config, teacher_config, optim, dynamic_loss_scale=fp16)
   tx, _ = make_optimizer(optim)
-  state = create_train_state(student.params, init_heads(objective, student.config, teacher_config, heads_rng),
-                             tx, state_rng, FP16_INITIAL_LOSS_SCALE if fp16 else 1.0)
+  heads = init_heads(objective, student.config, teacher_config, heads_rng)
+  state = create_placed_train_state(plan, student.params, heads, tx, state_rng,
+                                    FP16_INITIAL_LOSS_SCALE if fp16 else 1.0)
+  if distill:
+    teacher = dataclasses.replace(teacher, params=plan.put(teacher.params, plan.teacher_shardings(teacher.params)))
+  if shared_tokens is not None:
+    shared_tokens = plan.replicate(shared_tokens)
 
   checkpointer = ckpt.Checkpointer(workdir, cfg.checkpoint.keep)
   meta = {}
@@ -194,15 +206,20 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   best_metric = meta.get("best_metric")
   evals_without_improvement = meta.get("evals_without_improvement", 0)
 
-  train_step, eval_step = compile_steps(setup, teacher.params if distill else None, shared_tokens)
+  train_step, eval_step = compile_steps(setup, teacher.params if distill else None, shared_tokens, plan, state)
   offline = offline_teacher.for_run(cfg.offline_teacher.dir or os.path.join(workdir, "offline_teacher"), objective,
                                     student.config, teacher, data) if objective.offline_top_k else None
   micro_step = int(state.step)
   start_opt_step = micro_step // accumulation
   total_micro = total_steps * accumulation
-  log(_summary(cfg, teacher, student, data, setup, total_steps, start_opt_step, offline))
+  log(_summary(cfg, teacher, student, data, setup, total_steps, start_opt_step, plan, offline))
   student = dataclasses.replace(student, params=None)  # the state owns (and donates) the params now
-  writer = metrics_lib.MetricWriter(workdir, cfg.log.tensorboard)
+  writer = metrics_lib.MetricWriter(workdir, cfg.log.tensorboard) if parallel.is_main_process() else \
+      metrics_lib.NullWriter()
+  host_rows = plan.host_rows(cfg.data.batch_size)
+
+  def global_batch(host_batch):
+    return plan.global_batch(host_batch, cfg.data.batch_size)
 
   def run_meta(step: int) -> dict:
     if offline is not None:  # the records written so far outlive the run with the checkpoint
@@ -216,7 +233,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   def evaluate(step: int) -> dict:
     nonlocal best_metric, evals_without_improvement, last_eval_step
     last_eval_step = step
-    result = _evaluate(eval_step, state, data)
+    result = _evaluate(eval_step, state, data, plan)
     writer.write(step, "eval", result)
     log(metrics_lib.eval_block(step, result))
     if distill and step % cfg.log.curriculum_every_steps == 0:
@@ -231,14 +248,14 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
 
   last_train, window_start, window_tokens = None, time.perf_counter(), 0
   bar = tqdm(total=total_steps, initial=start_opt_step, unit="step", dynamic_ncols=True, file=sys.stderr,
-             disable=not cfg.log.progress_bar)
+             disable=not cfg.log.progress_bar or not parallel.is_main_process())
   try:
     with _StopFlag() as stop:
       while micro_step < total_micro:
-        batch = _drill(data.train_batch(micro_step), micro_step, cfg.debug)
+        batch = global_batch(_drill(data.train_batch(micro_step, host_rows), micro_step, cfg.debug))
         new_records = None
         if offline is not None:
-          batch, new_records = offline.batch_with_records(batch, data.train_row_indices(micro_step))
+          batch, new_records = offline.batch_with_records(batch, data.train_row_indices(micro_step), global_batch)
         try:
           state, step_metrics = train_step(state, batch)
         except Exception as e:  # XLA raises JaxRuntimeError; only out-of-memory is translated
@@ -304,8 +321,11 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   checkpointer.wait()
   checkpointer.close()
   log(monitor.summary())
-  export_dir = save_pretrained(state.params["student"], setup.student, os.path.join(workdir, "student_hf"),
-                               hf_config=student.hf_config, tokenizer=tokenizer)
+  export_dir = os.path.join(workdir, "student_hf")
+  student_params = plan.to_host(state.params["student"])  # every process takes part in the gather
+  if parallel.is_main_process():
+    save_pretrained(student_params, setup.student, export_dir, hf_config=student.hf_config, tokenizer=tokenizer)
+  parallel.barrier("export")  # the next stage may read the export on any host
   if distill:
     log(f"[DONE] student exported to {export_dir}\n"
          f"  held-out perplexity: student {result['student_ppl']:.2f}, teacher "

@@ -18,6 +18,13 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")  # fp32 parity needs full-precision dots
 
+# tests/multidevice needs several devices: a process started with this variable simulates that many CPU
+# devices (tests/test_parallel.py starts one); every other process has one device and skips that directory.
+CPU_DEVICES_ENV = "JAXDISTILL_TEST_CPU_DEVICES"
+if os.environ.get(CPU_DEVICES_ENV):
+  jax.config.update("jax_num_cpu_devices", int(os.environ[CPU_DEVICES_ENV]))
+collect_ignore = [] if os.environ.get(CPU_DEVICES_ENV) else ["multidevice"]
+
 VOCAB = 97
 ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8}

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 from typing import Iterator, NamedTuple
 
 import grain
@@ -246,10 +247,13 @@ class DataPipeline:
     total = len(self._eval["student_input_ids"]) // self.cfg.batch_size
     return min(total, self.cfg.max_eval_batches) if self.cfg.max_eval_batches else total
 
-  def train_batch(self, micro_step: int) -> dict[str, np.ndarray]:
-    """Micro-batch number `micro_step` (0-based) of the endless shuffled stream."""
-    rows_B = self.train_row_indices(micro_step)
-    return _batch({key: rows[rows_B] for key, rows in self._train.items()})
+  def train_batch(self, micro_step: int, rows: slice = slice(None)) -> dict[str, np.ndarray]:
+    """Micro-batch number `micro_step` (0-based) of the endless shuffled stream.
+
+    `rows`: which of its rows to read (a host of a multi-host run reads only its own).
+    """
+    rows_B = self.train_row_indices(micro_step)[rows]
+    return _batch({key: array[rows_B] for key, array in self._train.items()})
 
   def train_row_indices(self, micro_step: int) -> np.ndarray:
     """Which packed train rows (indices in packing order) micro-batch `micro_step` holds, [batch_size]."""
@@ -257,12 +261,12 @@ class DataPipeline:
       raise ValueError(f"micro_step must be >= 0, got {micro_step}")
     return np.asarray(self._train_stream[int(micro_step)])
 
-  def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
-    """The eval set in a fixed order, `num_eval_batches` batches; padding rows have mask 0."""
+  def eval_batches(self, rows: slice = slice(None)) -> Iterator[dict[str, np.ndarray]]:
+    """The eval set in a fixed order, `num_eval_batches` batches (`rows` of each); padding rows have mask 0."""
     batch_size = self.cfg.batch_size
     for b in range(self.num_eval_batches):
-      rows = slice(b * batch_size, (b + 1) * batch_size)
-      yield _batch({key: array[rows] for key, array in self._eval.items()})
+      rows_B = np.arange(b * batch_size, (b + 1) * batch_size)[rows]
+      yield _batch({key: array[rows_B] for key, array in self._eval.items()})
 
   def position(self, micro_step: int) -> dict[str, int]:
     """Where micro-batch `micro_step` lies in the data: its epoch and its index within that epoch."""
@@ -393,11 +397,10 @@ def _read_cache(directory: str, key: str, files: dict[str, tuple[str, str]], cfg
 
 def _write_cache(directory: str, key: str, files: dict[str, tuple[str, str]], packed: _Packed) -> None:
   """Writes each file through a temporary name and a rename; meta.json last, so it marks a complete cache."""
-  def save(name: str, write) -> None:
-    path = os.path.join(directory, name)
-    with open(f"{path}.tmp{os.getpid()}", "wb") as f:
+  def save(name: str, write) -> None:  # a unique temporary name: hosts sharing the directory may write at once
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=f"{name}.", suffix=".tmp", delete=False) as f:
       write(f)
-    os.replace(f"{path}.tmp{os.getpid()}", path)
+    os.replace(f.name, os.path.join(directory, name))
 
   try:
     os.makedirs(directory, exist_ok=True)

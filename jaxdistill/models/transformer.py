@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxdistill.models import moe
 from jaxdistill.models.config import ModelConfig
 from jaxdistill.models.rope import apply_rope, inverse_frequencies
+from jaxdistill.parallel import constrain_batch
 
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -235,11 +236,13 @@ class CausalLM(nn.Module):
     x_BxLxD = self.embed(input_ids_BxL)
     if self.cfg.rope is None:
       x_BxLxD = x_BxLxD + self.pos_embed(positions_BxL)
+    x_BxLxD = constrain_batch(x_BxLxD)
     allowed_BxLxL = attention_mask_BxLxL(mask_BxL)
     hidden_states, attentions, router_logits, expert_outputs = [x_BxLxD], {}, [], {}
     for i, layer in enumerate(self.layers):
       x_BxLxD, probs, logits_BxLxE, experts_BxLxExD = layer(
           x_BxLxD, positions_BxL, allowed_BxLxL, i in attention_layers, i in expert_layers)
+      x_BxLxD = constrain_batch(x_BxLxD)
       hidden_states.append(x_BxLxD)
       if probs is not None:
         attentions[i] = probs
