@@ -49,7 +49,8 @@ class MeshSpec:
   data: int = -1                  # data-parallel ways; -1: all devices not taken by fsdp and tensor
   fsdp: int = 1                   # ways the batch AND the student's params, grads, optimizer state are split
   tensor: int = 1                 # ways each attention/MLP block and the vocabulary are split (within a host)
-  teacher_sharding: str = "fsdp"  # fsdp: like the student's | all: over data x fsdp too | replicated
+  teacher_sharding: str = "fsdp"  # fsdp: like the student's | all: over data x fsdp | replicated (over data
+                                  # and fsdp; with tensor > 1 its blocks are still split over tensor)
   distributed: str = "auto"       # jax.distributed.initialize: auto (when the environment names a cluster) | on | off
 
 
