@@ -180,7 +180,8 @@ class MeshPlan:
   def describe(self) -> str:
     ways = " x ".join(f"{axis} {self.shape[axis]}" for axis in AXES)
     hosts = f" on {jax.process_count()} processes" if jax.process_count() > 1 else ""
-    return f"{ways}{hosts}; batch split {self.batch_ways} ways; teacher params: {self.spec.teacher_sharding}"
+    batch = f"the batch over {self.batch_ways} device{'s' if self.batch_ways > 1 else ''}"
+    return f"{ways}{hosts}; {batch}; teacher params: {self.spec.teacher_sharding}"
 
   def check_batch_size(self, batch_size: int) -> None:
     check_batch_size(batch_size, self.shape["data"], self.shape["fsdp"])
