@@ -15,9 +15,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
-
 from jax.sharding import PartitionSpec as P
+from safetensors.numpy import load_file
 
 from jaxdistill import config as config_lib
 from jaxdistill import models, parallel
@@ -33,8 +32,6 @@ MESHES = {
     "fsdp": dict(data=1, fsdp=8),
     "hybrid": dict(data=2, fsdp=2, tensor=2, teacher_sharding="all"),
 }
-
-
 RUN = {
     "stages.teacher_steps": 0,            # a random teacher: nothing to train first
     "stages.scratch_baseline": False,
@@ -90,7 +87,6 @@ def test_a_sharded_run_matches_the_single_device_run(runs, mesh):
   assert params.keys() == reference.keys()
   for name in reference:
     np.testing.assert_allclose(params[name], reference[name], atol=2e-5, err_msg=name)
-
 
 
 def test_a_checkpoint_written_on_one_mesh_resumes_on_another(runs, tmp_path):
