@@ -25,8 +25,11 @@ class CheckpointError(JaxDistillError):
 
 
 def _manager(directory: str, keep: int) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(os.path.abspath(directory),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+  # Both managers save the same steps; in a multi-process run their cross-process barriers (named by
+  # step) would collide without a prefix of their own.
+  multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=os.path.basename(directory))
+  return ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, multiprocessing_options=multiprocessing))
 
 
 def _save_args(state, meta: dict) -> ocp.args.Composite:

@@ -147,7 +147,13 @@ def test_two_processes_of_4_devices_train_as_one_device_does(runs, tmp_path):
              JAX_NUM_PROCESSES="2")
   processes = [subprocess.Popen(command, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=400) for p in processes]
+  try:
+    outputs = [p.communicate(timeout=300) for p in processes]
+  except subprocess.TimeoutExpired:
+    for p in processes:
+      p.kill()
+    outputs = [p.communicate() for p in processes]
+    pytest.fail("the two processes did not finish: " + " | ".join(err[-2000:] for _, err in outputs))
   for p, (out, err) in zip(processes, outputs):
     assert p.returncode == 0, out[-3000:] + err[-3000:]
   assert "mesh data 4 x fsdp 2 x tensor 1 on 2 processes" in outputs[0][0]
