@@ -21,6 +21,7 @@ holds the same values and process 0 writes them.
 """
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Callable
@@ -216,8 +217,9 @@ class MeshPlan:
   def batch_sharding(self, ndim: int) -> NamedSharding:
     return NamedSharding(self.mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
+  @functools.cache
   def host_rows(self, batch_size: int) -> slice:
-    """The rows of each global batch this process loads: those its devices hold."""
+    """The rows of each global batch this process loads: those its devices hold (computed once per size)."""
     indices = self.batch_sharding(1).addressable_devices_indices_map((batch_size,)).values()
     starts = [index[0].start or 0 for index in indices]
     stops = [batch_size if index[0].stop is None else index[0].stop for index in indices]
