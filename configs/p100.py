@@ -32,7 +32,8 @@ def get_config(arg=None):
   cfg.tokenizer = ""                           # '': the student's own (SmolLM's)
   cfg.teacher_tokenizer = ""                   # '': the teacher checkpoint's own (Qwen's)
   cfg.teacher = config_lib.model_group(TEACHER, param_dtype="float16", dtype="float16")
-  cfg.student = config_lib.model_group("HuggingFaceTB/SmolLM-135M", param_dtype="float32", dtype="float16")
+  cfg.student = config_lib.model_group("HuggingFaceTB/SmolLM-135M", param_dtype="float32", dtype="float16",
+                                       remat="full")  # recompute each block in the backward pass
   cfg.router.experts = "auto"                  # the MoE teacher's routed experts (its last sparse block)
   cfg.data.source = "HuggingFaceTB/smollm-corpus"  # hub dataset (text field 'text')
   cfg.data.subset = "cosmopedia-v2"

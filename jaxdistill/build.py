@@ -104,7 +104,7 @@ def build_model(spec: ModelSpec, vocab_size: int, rng: jax.Array, field: str) ->
   if spec.name_or_path:
     with _blame(f"{field}.name_or_path"):
       model = hf_io.load_pretrained(spec.name_or_path, spec.revision, spec.param_dtype, spec.dtype)
-    return dataclasses.replace(model, config=dataclasses.replace(model.config, remat=spec.remat))
-  cfg = dataclasses.replace(spec.arch.model_config(vocab_size, spec.param_dtype, spec.dtype), remat=spec.remat)
+    return dataclasses.replace(model, config=dataclasses.replace(model.config, **spec.runtime()))
+  cfg = dataclasses.replace(spec.arch.model_config(vocab_size, spec.param_dtype, spec.dtype), **spec.runtime())
   params = transformer.init_params(cfg, rng)
   return hf_io.Pretrained(config=cfg, params=params, hf_config=to_hf_config(cfg), path="")

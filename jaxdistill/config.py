@@ -31,7 +31,8 @@ from jaxdistill.schema import (EVAL_METRICS, MODES, ArchSpec, CheckpointSpec, Co
 # Building blocks for config files.
 
 def model_group(name_or_path: str = "", *, arch: dict | None = None, param_dtype: str = "float32",
-                dtype: str = "float32", revision: str = "main", remat: str = "none") -> ml_collections.ConfigDict:
+                dtype: str = "float32", revision: str = "main", remat: str = "none", attention: str = "auto",
+                attention_block: int = 512, scan_layers: bool = True) -> ml_collections.ConfigDict:
   """The `teacher`/`student` group. Either a checkpoint (`name_or_path`) or a random `arch`."""
   return ml_collections.ConfigDict({
       "name_or_path": name_or_path,  # HF hub id or local checkpoint dir; '' builds `arch` with random weights
@@ -41,6 +42,10 @@ def model_group(name_or_path: str = "", *, arch: dict | None = None, param_dtype
       "dtype": dtype,                # compute dtype: float32 | bfloat16 | float16
       "remat": remat,                # what each block keeps for the backward pass: none | full | dots |
                                      # dots_no_batch (models/config.py REMAT_POLICIES); trained models only
+      "attention": attention,        # auto (cuDNN flash attention on GPUs >= sm_80 in fp16/bf16, else blockwise) |
+                                     # cudnn | blockwise (query blocks, no L x L kept) | xla (materialised)
+      "attention_block": attention_block,  # query rows per block: blockwise attention and the attention losses
+      "scan_layers": scan_layers,    # each stack of identical blocks as one lax.scan (compile time flat in depth)
   })
 
 

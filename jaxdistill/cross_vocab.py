@@ -195,10 +195,18 @@ def aligned_attention(maps_BxHxLxL: jax.Array, positions_BxA: jax.Array, mask_Bx
   text are comparable distributions ([B, H, A, A]).
   """
   index_Bx1xAx1 = positions_BxA.astype(jnp.int32)[:, None, :, None]
-  rows_BxHxAxL = jnp.take_along_axis(maps_BxHxLxL, index_Bx1xAx1, axis=2)
-  sub_BxHxAxA = jnp.take_along_axis(rows_BxHxAxL, jnp.swapaxes(index_Bx1xAx1, 2, 3), axis=3).astype(jnp.float32)
-  sub_BxHxAxA = jnp.where(mask_BxA.astype(bool)[:, None, None, :], sub_BxHxAxA, 0.0)
-  return sub_BxHxAxA / jnp.maximum(jnp.sum(sub_BxHxAxA, axis=-1, keepdims=True), _EPS)
+  return aligned_columns(jnp.take_along_axis(maps_BxHxLxL, index_Bx1xAx1, axis=2), positions_BxA, mask_BxA)
+
+
+def aligned_columns(rows_BxHxQxL: jax.Array, positions_BxA: jax.Array, mask_BxA: jax.Array) -> jax.Array:
+  """Attention rows over all L keys -> over the aligned keys `positions` only (real pairs), renormalised.
+
+  The second half of `aligned_attention`, for any set of Q query rows ([B, H, Q, A], float32).
+  """
+  index_Bx1x1xA = positions_BxA.astype(jnp.int32)[:, None, None, :]
+  sub_BxHxQxA = jnp.take_along_axis(rows_BxHxQxL, index_Bx1x1xA, axis=3).astype(jnp.float32)
+  sub_BxHxQxA = jnp.where(mask_BxA.astype(bool)[:, None, None, :], sub_BxHxQxA, 0.0)
+  return sub_BxHxQxA / jnp.maximum(jnp.sum(sub_BxHxQxA, axis=-1, keepdims=True), _EPS)
 
 
 def top1_agreement(student_logits_BxAxVs: jax.Array, teacher_logits_BxAxVt: jax.Array, mask_BxA: jax.Array,

@@ -163,6 +163,7 @@ def next_token_labels(input_ids_BxL: jax.Array, mask_BxL: jax.Array) -> tuple[ja
 def align_heads(student_BxHsxLxL: jax.Array, teacher_BxHtxLxL: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Brings two attention maps to the same head count by averaging heads (rows stay distributions).
 
+  Works on any rows [B, H, Q, K] (whole maps or a block of queries).
   Equal counts: unchanged. Teacher heads a multiple of student heads: each student head is paired
   with the mean of its group of Ht/Hs consecutive teacher heads (and the reverse). Otherwise both
   are averaged over all heads.
@@ -188,12 +189,19 @@ def attention_rows_kl(target_BxHxLxL: jax.Array, student_BxHxLxL: jax.Array, mas
   Keys a query may not see (future or padding) have probability 0 in both maps and are excluded;
   student probabilities are clamped at 1e-12 inside the log. Gradients reach both arguments.
   """
-  p = target_BxHxLxL.astype(jnp.float32)
-  q = student_BxHxLxL.astype(jnp.float32)
-  keys_Bx1x1xL = mask_BxL.astype(bool)[:, None, None, :]
-  terms = jnp.where(keys_Bx1x1xL & (p > 0), p * (jnp.log(jnp.maximum(p, _EPS)) - jnp.log(jnp.maximum(q, _EPS))), 0.0)
-  per_query_BxL = jnp.mean(jnp.sum(terms, axis=-1), axis=1)
-  return masked_mean(per_query_BxL, mask_BxL)
+  return masked_mean(rows_kl(target_BxHxLxL, student_BxHxLxL, mask_BxL), mask_BxL)
+
+
+def rows_kl(target_BxHxQxK: jax.Array, student_BxHxQxK: jax.Array, key_mask_BxK: jax.Array) -> jax.Array:
+  """Per query [B, Q]: mean over heads of KL(target row || student row) over the keys with mask 1.
+
+  The per-query terms of `attention_rows_kl`, for any set of rows (a block of queries).
+  """
+  p = target_BxHxQxK.astype(jnp.float32)
+  q = student_BxHxQxK.astype(jnp.float32)
+  keys_Bx1x1xK = key_mask_BxK.astype(bool)[:, None, None, :]
+  terms = jnp.where(keys_Bx1x1xK & (p > 0), p * (jnp.log(jnp.maximum(p, _EPS)) - jnp.log(jnp.maximum(q, _EPS))), 0.0)
+  return jnp.mean(jnp.sum(terms, axis=-1), axis=1)
 
 
 def attention_kl(student_BxHxLxL: jax.Array, teacher_BxHxLxL: jax.Array, mask_BxL: jax.Array) -> jax.Array:
@@ -202,7 +210,11 @@ def attention_kl(student_BxHxLxL: jax.Array, teacher_BxHxLxL: jax.Array, mask_Bx
 
 
 def attention_loss(student_maps, teacher_maps, mask_BxL: jax.Array) -> jax.Array:
-  """Mean of `attention_kl` over matched layer pairs, heads aligned with `align_heads`."""
+  """Mean of `attention_kl` over matched layer pairs, heads aligned with `align_heads`.
+
+  The definition on whole maps; training computes it from q and k a block of queries at a time
+  (`attention_maps.attention_loss`), with equal values and gradients.
+  """
   values = [attention_kl(*align_heads(s, t), mask_BxL) for s, t in zip(student_maps, teacher_maps)]
   return jnp.mean(jnp.stack(values))
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import dtypes
 
-from jaxdistill import cross_vocab, curriculum, losses, offline_teacher, router
+from jaxdistill import attention_maps, cross_vocab, curriculum, losses, offline_teacher, router
 from jaxdistill.curriculum import CurriculumConfig
 from jaxdistill.errors import ConfigError
 from jaxdistill.router import RouterConfig
@@ -179,7 +179,7 @@ def component_weights(opt_step: jax.Array, cfg: ObjectiveConfig) -> dict[str, ja
 
 
 def _requests(cfg: ObjectiveConfig):
-  """Which hidden states and attention maps each model must return (static)."""
+  """Which hidden states and attention layers (their q and k) each model must return (static)."""
   needs_states = cfg.needs_heads
   student_attn, teacher_attn = set(), set()
   if cfg.enabled("attention"):
@@ -189,7 +189,7 @@ def _requests(cfg: ObjectiveConfig):
 
 
 def _router_requests(cfg: ObjectiveConfig, student: ModelConfig):
-  """(student, teacher) blocks whose attention maps the router's attention alignment reads."""
+  """(student, teacher) blocks whose attention rows the router's attention alignment reads."""
   if not cfg.enabled("routing_attention_alignment"):
     return (), ()
   return (student.num_layers - 1,), _expert_blocks(cfg)
@@ -204,39 +204,47 @@ def run_models(student_params, teacher_params, batch, cfg: ObjectiveConfig, stud
                teacher: ModelConfig | None):
   """Student forward (differentiable) and teacher forward (stop_gradient), with what cfg needs.
 
-  With no teacher (plain LM training) the teacher's output is None.
+  Returns (student output, {block: its QueriesKeys}, teacher output, {block: its QueriesKeys}); the
+  attention losses recompute map rows from those q and k. With no teacher (plain LM training) the
+  teacher's output is None. Batches are the pipeline's packed rows, padded only at their end
+  (`right_padded`: the fused attention kernel then takes the causal mask alone).
   """
   needs_states, student_attn, teacher_attn = _requests(cfg)
   router_student, router_teacher = _router_requests(cfg, student)
   student_attn = tuple(sorted(set(student_attn) | set(router_student)))
   teacher_attn = tuple(sorted(set(teacher_attn) | set(router_teacher)))
   student_out = forward(student_params, student, batch["student_input_ids"], batch["student_attention_mask"],
-                        output_hidden_states=needs_states, attention_layers=student_attn)
-  student_maps = dict(zip(student_attn, student_out.attentions))
+                        output_hidden_states=needs_states, qk_layers=student_attn, right_padded=True)
+  student_qk = dict(zip(student_attn, student_out.queries_keys))
   if teacher is None or offline_teacher.RECORD_KEY in batch:  # no teacher, or its records instead
-    return student_out, student_maps, None, {}
+    return student_out, student_qk, None, {}
   moe_experts = (cfg.router.moe_layer,) if cfg.enabled("routing_feature") and cfg.router.experts == "moe" else ()
   teacher_out = forward(teacher_params, teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
-                        output_hidden_states=needs_states, attention_layers=teacher_attn, expert_layers=moe_experts)
+                        output_hidden_states=needs_states, qk_layers=teacher_attn, expert_layers=moe_experts,
+                        right_padded=True)
   teacher_out = jax.lax.stop_gradient(teacher_out)
-  return student_out, student_maps, teacher_out, dict(zip(teacher_attn, teacher_out.attentions))
+  return student_out, student_qk, teacher_out, dict(zip(teacher_attn, teacher_out.queries_keys))
 
 
 def _alignment(batch):
-  """(student positions -> aligned, teacher positions -> aligned, attention maps of each -> aligned, pair mask).
+  """(student positions -> aligned, teacher positions -> aligned, each model's q/k -> its `MapView`, pair mask).
 
   A batch from two tokenizers carries `align_student`, `align_teacher` and `align_mask` [B, A]: pair a
-  is a student and a teacher position after which both models have read exactly the same text. With
-  one tokenizer every position is its own pair and these are identities.
+  is a student and a teacher position after which both models have read exactly the same text; the
+  attention losses then compare the aligned rows over the aligned keys. With one tokenizer every
+  position is its own pair, the positions are identities and the views are whole maps.
   """
+  s_mask = batch["student_attention_mask"]
+  t_mask = batch.get("teacher_attention_mask", s_mask)  # absent in plain LM training
   if "align_mask" not in batch:
     same = lambda x: x  # noqa: E731
-    return same, same, same, same, batch["student_attention_mask"]
+    return (same, same, lambda qk: attention_maps.full_view(qk, s_mask),
+            lambda qk: attention_maps.full_view(qk, t_mask), s_mask)
   s_pos, t_pos, pairs = batch["align_student"], batch["align_teacher"], batch["align_mask"]
   return (lambda x: cross_vocab.gather_positions(x, s_pos),
           lambda x: cross_vocab.gather_positions(x, t_pos),
-          lambda m: cross_vocab.aligned_attention(m, s_pos, pairs),
-          lambda m: cross_vocab.aligned_attention(m, t_pos, pairs),
+          lambda qk: attention_maps.aligned_view(qk, s_mask, s_pos, pairs),
+          lambda qk: attention_maps.aligned_view(qk, t_mask, t_pos, pairs),
           pairs)
 
 
@@ -263,9 +271,9 @@ def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: Object
   """
   if models_out is None:
     models_out = run_models(trainable["student"], teacher_params, batch, cfg, student, teacher)
-  student_out, student_maps, teacher_out, teacher_maps = models_out
+  student_out, student_qk, teacher_out, teacher_qk = models_out
   mask_BxL = batch["student_attention_mask"]
-  at_student, at_teacher, student_attention, teacher_attention, pairs_BxA = _alignment(batch)
+  at_student, at_teacher, student_view, teacher_view, pairs_BxA = _alignment(batch)
   aligned = "align_mask" in batch
   record = batch.get(offline_teacher.RECORD_KEY)
   if cfg.offline_top_k and record is None:
@@ -311,9 +319,12 @@ def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: Object
   if cfg.enabled("lm"):
     terms["lm"] = (lm, (student_out.logits_BxLxV, batch["student_input_ids"], mask_BxL))
   if cfg.enabled("attention"):
-    terms["attention"] = (losses.attention_loss, (
-        [student_attention(student_maps[s]) for s, _ in cfg.attention_pairs],
-        [teacher_attention(teacher_maps[t]) for _, t in cfg.attention_pairs], pairs_BxA))
+    def attention_transfer(student_views, teacher_views, mask):
+      return attention_maps.attention_loss(student_views, teacher_views, mask, student.attention_block)
+
+    terms["attention"] = (attention_transfer, (
+        [student_view(student_qk[s]) for s, _ in cfg.attention_pairs],
+        [teacher_view(teacher_qk[t]) for _, t in cfg.attention_pairs], pairs_BxA))
   heads_out = None
   if student_out.hidden_states is not None:
     pooled = losses.masked_mean_pool(student_out.hidden_states[-1], mask_BxL)
@@ -347,13 +358,14 @@ def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: Object
     terms["routing_feature"] = (routing_feature, (gate_logits, routed, pairs_BxA, experts, top_k, gate_temperature))
     terms["routing_load_balance"] = (routing_balance, (gate_logits, pairs_BxA, top_k, gate_temperature))
   if cfg.enabled("routing_attention_alignment"):
-    def routing_alignment(gate_logits, student_map, expert_maps, mask, top_k, temperature):
-      return router.attention_alignment_loss(student_map, expert_maps, router.gates(gate_logits, top_k, temperature),
-                                             mask)
+    def routing_alignment(gate_logits, student_rows, expert_rows, mask, top_k, temperature):
+      return router.attention_alignment_blockwise(student_rows, expert_rows, router.gates(gate_logits, top_k,
+                                                                                         temperature),
+                                                  mask, student.attention_block)
 
     terms["routing_attention_alignment"] = (routing_alignment, (
-        at_student(heads_out["gate_logits"]), student_attention(student_maps[student.num_layers - 1]),
-        [teacher_attention(teacher_maps[b]) for b in _expert_blocks(cfg)], pairs_BxA, top_k, gate_temperature))
+        at_student(heads_out["gate_logits"]), student_view(student_qk[student.num_layers - 1]),
+        [teacher_view(teacher_qk[b]) for b in _expert_blocks(cfg)], pairs_BxA, top_k, gate_temperature))
 
   metrics, total = {}, jnp.zeros((), jnp.float32)
   for index, component in enumerate(COMPONENTS):

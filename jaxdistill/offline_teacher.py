@@ -106,7 +106,7 @@ def _needs_states(cfg) -> bool:
 def compute_records(teacher_params, batch, *, cfg, student: ModelConfig, teacher: ModelConfig):
   """The live teacher on a batch, reduced to its records: the only teacher work of a step in epoch 1."""
   out = forward(teacher_params, teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
-                output_hidden_states=_needs_states(cfg))
+                output_hidden_states=_needs_states(cfg), right_padded=True)
   return record_from_output(out, batch["teacher_attention_mask"], cfg, min(student.vocab_size, teacher.vocab_size))
 
 
@@ -258,7 +258,7 @@ def for_run(root: str, cfg, student: ModelConfig, teacher, data) -> RunRecords:
   if cfg.offline_top_k > vocab:
     raise ConfigError("offline_teacher.top_k", cfg.offline_top_k, f"at most the vocabulary ({vocab} ids)")
   key = {"teacher": params_fingerprint(teacher.params),
-         "teacher_config": repr(dataclasses.replace(teacher.config, remat="none")),
+         "teacher_config": repr(teacher.config.architecture()),
          "rows": hashlib.sha256(np.ascontiguousarray(data.train_sequences).tobytes()).hexdigest(),
          "temperatures": list(cfg.curriculum.temperature), "vocab": vocab}
   store = OfflineTeacher(os.path.expanduser(root), key, data.num_train_sequences,

@@ -1,16 +1,28 @@
 """Optimizer: clipping, AdamW with warmup + cosine decay, gradient accumulation that averages.
 
 The student and the distillation heads (router and projections) are two parameter groups with
-their own learning-rate schedules. Accumulation is `optax.MultiSteps`: each call consumes one
-micro-batch gradient, and every `accumulation_steps` calls the *mean* of those gradients goes
-through clipping and AdamW (never a sum, never a loss multiplied by the accumulation factor).
+their own learning-rate schedules. `Optimizer.apply` consumes one micro-batch gradient per call;
+every `accumulation_steps` calls the *mean* of those gradients goes through clipping and AdamW
+(an optax chain; a running mean, never a sum, never a loss multiplied by the accumulation factor) and is applied.
+A micro-batch whose gradients are not finite changes nothing: not the params, not the moments, not
+the running mean.
+
+Both decisions are `lax.cond`s, so each call runs one branch: a micro-batch that only accumulates
+touches the running mean and nothing else, an update touches params and moments once, and a skipped one
+touches nothing. (`optax.MultiSteps` runs AdamW on every micro-batch and selects its result, and a
+select over params and state afterwards doubles that pass; both also cost compile time in deep
+models, `bench/RESULTS.md`.) With one micro-batch per step there is no accumulator at all.
 """
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
+
+from jaxdistill.models.config import is_stacked
+from jaxdistill.parallel import path_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +47,55 @@ def lr_schedule(peak: float, cfg: OptimConfig) -> optax.Schedule:
 
 
 def _decay_mask(params):
-  return jax.tree.map(lambda x: x.ndim >= 2, params)
+  """Matrices decay; norms and biases do not. A stacked block's leaves have one more (layer) axis."""
+  def is_matrix(path, x):
+    return x.ndim - is_stacked(path_names(path)) >= 2
+  return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
-def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, Callable]:
-  """(tx over {'student': ..., 'heads': ...} params, the student's learning-rate schedule)."""
+class OptState(NamedTuple):
+  inner: Any             # the clip + AdamW chain's state
+  acc_grads: Any         # mean of this step's micro-batch gradients so far (params' dtypes); None at 1 micro-batch
+  mini_step: jax.Array   # int32 micro-batches summed since the last update
+  opt_step: jax.Array    # int32 updates applied: the curriculum's clock
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """An optax transformation applied to the mean of `accumulation_steps` micro-batch gradients."""
+  tx: optax.GradientTransformation
+  accumulation_steps: int = 1
+
+  def init(self, params) -> OptState:
+    acc = jax.tree.map(jnp.zeros_like, params) if self.accumulation_steps > 1 else None
+    return OptState(self.tx.init(params), acc, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+  def apply(self, grads, params, state: OptState, finite: jax.Array):
+    """(params, state) after one micro-batch's `grads`; unchanged when `finite` is False."""
+    k = self.accumulation_steps
+
+    def update(params, state, mean_grads):
+      updates, inner = self.tx.update(mean_grads, state.inner, params)
+      acc = None if state.acc_grads is None else jax.tree.map(jnp.zeros_like, state.acc_grads)
+      return optax.apply_updates(params, updates), OptState(inner, acc, jnp.zeros_like(state.mini_step),
+                                                            state.opt_step + 1)
+
+    def use(params, state):
+      if k == 1:
+        return update(params, state, grads)
+      n = state.mini_step.astype(jnp.float32)   # a running mean: acc_n = acc + (g - acc) / (n + 1)
+      acc = jax.tree.map(lambda a, g: a + (g.astype(a.dtype) - a) / (n + 1), state.acc_grads, grads)
+      return jax.lax.cond(
+          state.mini_step == k - 1,
+          lambda p, s: update(p, s, acc),
+          lambda p, s: (p, s._replace(acc_grads=acc, mini_step=s.mini_step + 1)),
+          params, state)
+
+    return jax.lax.cond(finite, use, lambda p, s: (p, s), params, state)
+
+
+def make_optimizer(cfg: OptimConfig) -> tuple[Optimizer, Callable]:
+  """(the Optimizer over {'student': ..., 'heads': ...} params, the student's learning-rate schedule)."""
   student_lr = lr_schedule(cfg.learning_rate, cfg)
 
   def adamw(schedule):
@@ -50,4 +106,4 @@ def make_optimizer(cfg: OptimConfig) -> tuple[optax.GradientTransformation, Call
       {"student": adamw(student_lr), "heads": adamw(lr_schedule(cfg.heads_learning_rate, cfg))},
       lambda params: {group: jax.tree.map(lambda _, g=group: g, tree) for group, tree in params.items()})
   inner = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), groups)
-  return optax.MultiSteps(inner, every_k_schedule=cfg.accumulation_steps), student_lr
+  return Optimizer(inner, cfg.accumulation_steps), student_lr

@@ -14,6 +14,7 @@ axes ("data", "fsdp", "tensor"), and XLA's SPMD partitioner inserts the collecti
 The teacher's params follow `mesh.teacher_sharding`: like the student's (`fsdp`), over every device
 (`all`: the fsdp split taken over data x fsdp, for a teacher larger than one device's memory while the
 student stays data-parallel), or `replicated`. Vectors (norm scales, biases) and scalars stay replicated.
+Stacked blocks (`models.config.is_stacked`) are split per block: their leading layer axis stays whole.
 
 Across hosts each process loads only its own rows of every global batch (`host_rows`) and assembles the
 global array from them (`global_batch`); jitted metrics are global reductions already, so every process
@@ -190,11 +191,16 @@ class MeshPlan:
   # ---- params and state
 
   def _tree_shardings(self, tree, fsdp_axes: tuple[str, ...]):
+    from jaxdistill.models.config import is_stacked  # here: the models package imports this module
+
     def sharding(path, leaf):
-      shape = tuple(leaf.shape)
+      names = path_names(path)
+      layer_axis = is_stacked(names)  # stacked blocks: the leading layer axis is never split
+      shape = tuple(leaf.shape)[layer_axis:]
       if len(shape) < 2:
         return self.replicated
-      return NamedSharding(self.mesh, param_spec(path_names(path), shape, self.shape, fsdp_axes))
+      spec = param_spec(names, shape, self.shape, fsdp_axes)
+      return NamedSharding(self.mesh, P(None, *spec) if layer_axis else spec)
     return jax.tree_util.tree_map_with_path(sharding, tree)
 
   def state_shardings(self, state):

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdistill import losses
+from jaxdistill import attention_maps, losses
 
 
 EXPERT_SOURCES = ("auto", "moe", "blocks")
@@ -118,11 +118,27 @@ def attention_alignment_loss(student_BxHxLxL, expert_maps, gates_BxLxE, mask_BxL
   loss is 0 only when the student's head-averaged attention equals a mix of real teacher attention
   patterns. The gate gradient moves each token toward the experts whose attention the student can
   follow. The routed experts of one MoE block share that block's attention: one map, the target.
+  The definition on whole maps; training uses `attention_alignment_blockwise` (equal values and gradients).
   """
-  expert_ExBxLxL = jax.lax.stop_gradient(jnp.stack([m.astype(jnp.float32).mean(axis=1) for m in expert_maps]))
-  if len(expert_maps) == 1:  # the experts of one MoE block share its attention: the mix is that map
-    target_BxLxL = jnp.sum(gates_BxLxE, axis=-1)[..., None] * expert_ExBxLxL[0]
+  return losses.masked_mean(_alignment_kl(student_BxHxLxL, expert_maps, gates_BxLxE, mask_BxL), mask_BxL)
+
+
+def _alignment_kl(student_BxHxQxK, expert_rows, gates_BxQxE, key_mask_BxK) -> jax.Array:
+  """Per query [B, Q]: KL(gate mix of the experts' head-averaged rows || student's head-averaged row)."""
+  expert_ExBxQxK = jax.lax.stop_gradient(jnp.stack([m.astype(jnp.float32).mean(axis=1) for m in expert_rows]))
+  if len(expert_rows) == 1:  # the experts of one MoE block share its attention: the mix is that map
+    target_BxQxK = jnp.sum(gates_BxQxE, axis=-1)[..., None] * expert_ExBxQxK[0]
   else:
-    target_BxLxL = jnp.einsum("bqe,ebqk->bqk", gates_BxLxE, expert_ExBxLxL)
-  student_Bx1xLxL = student_BxHxLxL.astype(jnp.float32).mean(axis=1, keepdims=True)
-  return losses.attention_rows_kl(target_BxLxL[:, None], student_Bx1xLxL, mask_BxL)  # the target keeps its gradient
+    target_BxQxK = jnp.einsum("bqe,ebqk->bqk", gates_BxQxE, expert_ExBxQxK)
+  student_Bx1xQxK = student_BxHxQxK.astype(jnp.float32).mean(axis=1, keepdims=True)
+  return losses.rows_kl(target_BxQxK[:, None], student_Bx1xQxK, key_mask_BxK)  # the target keeps its gradient
+
+
+def attention_alignment_blockwise(student_view: attention_maps.MapView, expert_views, gates_BxQxE, mask_BxQ,
+                                  block: int) -> jax.Array:
+  """`attention_alignment_loss` from q and k (`attention_maps`), a block of queries at a time."""
+  def block_kl(view_rows, gates_block):
+    return _alignment_kl(view_rows[0], view_rows[1:], gates_block, mask_BxQ)
+
+  per_query = attention_maps.per_query(block_kl, (student_view, *expert_views), (gates_BxQxE,), block)
+  return losses.masked_mean(per_query, mask_BxQ)

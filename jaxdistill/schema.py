@@ -16,7 +16,8 @@ from jaxdistill.curriculum import problem as curriculum_problem
 from jaxdistill.data.pipeline import DataConfig
 from jaxdistill.errors import ConfigError
 from jaxdistill.losses import HIDDEN_DISTANCES, KD_MODES, TOPK_TAILS
-from jaxdistill.models.config import DTYPES, MOE_FAMILIES, REMAT_POLICIES, SUPPORTED_FAMILIES, ModelConfig, RopeConfig
+from jaxdistill.models.config import (ATTENTION_IMPLEMENTATIONS, DTYPES, MOE_FAMILIES, REMAT_POLICIES, SUPPORTED_FAMILIES,
+                                      ModelConfig, RopeConfig)
 from jaxdistill.monitor import MonitorConfig
 from jaxdistill.offline_teacher import OfflineTeacherSpec
 from jaxdistill.offline_teacher import check as check_offline
@@ -87,6 +88,14 @@ class ModelSpec:
   param_dtype: str
   dtype: str
   remat: str = "none"     # REMAT_POLICIES
+  attention: str = "auto"  # ATTENTION_IMPLEMENTATIONS
+  attention_block: int = 512  # query rows per block (blockwise attention, attention losses)
+  scan_layers: bool = True    # stacks of identical blocks run as one lax.scan
+
+  def runtime(self) -> dict:
+    """The fields that change how the model runs, not its weights (models/config.py RUNTIME_FIELDS)."""
+    return dict(remat=self.remat, attention=self.attention, attention_block=self.attention_block,
+                scan_layers=self.scan_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +269,17 @@ def _model(node, where: str) -> ModelSpec:
       arch=None if name_or_path else _arch(_get(node, "arch", where), f"{where}.arch"),
       param_dtype=_choice(node, "param_dtype", where, DTYPES),
       dtype=_choice(node, "dtype", where, DTYPES),
-      remat=_choice(node, "remat", where, REMAT_POLICIES))
+      remat=_choice(node, "remat", where, REMAT_POLICIES),
+      attention=_choice(node, "attention", where, ATTENTION_IMPLEMENTATIONS),
+      attention_block=_positive_int(node, "attention_block", where),
+      scan_layers=_flag(node, "scan_layers", where))
+
+
+def _flag(node, field: str, where: str) -> bool:
+  value = _get(node, field, where)
+  if not isinstance(value, bool):
+    raise ConfigError(_name(where, field), value, "True or False")
+  return value
 
 
 def _tuplify(value):

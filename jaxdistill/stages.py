@@ -71,7 +71,8 @@ def teacher_config(cfg: Config) -> Config:
 def teacher_key(cfg: Config) -> dict:
   """Everything the trained teacher's weights depend on (the cache key, before hashing)."""
   t = teacher_config(cfg)
-  model = {k: v for k, v in dataclasses.asdict(t.student).items() if k != "remat"}  # memory, not weights
+  runtime = t.student.runtime()   # how the model runs, not its weights
+  model = {k: v for k, v in dataclasses.asdict(t.student).items() if k not in runtime}
   return {"format": _TEACHER_CACHE_FORMAT, "model": model, "tokenizer": t.tokenizer,
           "data": dataclasses.asdict(t.data), "content": source_fingerprint(t.data.source), "seed": t.seed,
           "optim": dataclasses.asdict(t.optim), "steps": t.train.max_steps}

@@ -6,8 +6,8 @@ import flax
 import jax
 import jax.numpy as jnp
 import jmp
-import optax
 
+from jaxdistill import optim
 from jaxdistill.objective import COMPONENTS
 
 # Per-component counts of non-finite loss values, plus skipped updates from non-finite gradients.
@@ -18,7 +18,7 @@ NONFINITE_COUNTERS = COMPONENTS + ("grads",)
 class TrainState:
   step: jax.Array            # int32: micro-batches seen (always an array, never None)
   params: Any                # {'student': ..., 'heads': router and projections}
-  opt_state: optax.MultiStepsState
+  opt_state: optim.OptState
   rng: jax.Array             # raw uint32 key data (checkpointable); per-step keys: fold_in(rng, step)
   nonfinite: dict[str, jax.Array]  # int32 counters, keys NONFINITE_COUNTERS
   loss_scale: jax.Array      # float32; stays 1 unless fp16 dynamic loss scaling is on
@@ -27,7 +27,7 @@ class TrainState:
   @property
   def opt_step(self) -> jax.Array:
     """Optimizer steps taken (updates applied); the curriculum's clock."""
-    return self.opt_state.gradient_step
+    return self.opt_state.opt_step
 
 
   def loss_scaler(self, dynamic: bool) -> jmp.LossScale:
@@ -37,7 +37,7 @@ class TrainState:
     return jmp.DynamicLossScale(self.loss_scale, self.loss_scale_good_steps)
 
 
-def create_train_state(student_params, heads_params, tx: optax.GradientTransformation, rng: jax.Array,
+def create_train_state(student_params, heads_params, tx: optim.Optimizer, rng: jax.Array,
                        initial_loss_scale: float = 1.0) -> TrainState:
   """A fresh state at step 0; `rng` is a key (typed or raw), `initial_loss_scale` > 1 for fp16."""
   params = {"student": student_params, "heads": heads_params}
@@ -49,7 +49,7 @@ def create_train_state(student_params, heads_params, tx: optax.GradientTransform
                     loss_scale_good_steps=jnp.zeros((), jnp.int32))
 
 
-def create_placed_train_state(plan, student_params, heads_params, tx: optax.GradientTransformation, rng: jax.Array,
+def create_placed_train_state(plan, student_params, heads_params, tx: optim.Optimizer, rng: jax.Array,
                               initial_loss_scale: float = 1.0) -> TrainState:
   """`create_train_state` directly in the shardings of `plan` (a `parallel.MeshPlan`).
 

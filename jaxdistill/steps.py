@@ -50,9 +50,7 @@ def train_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setu
   grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
   grads = scaler.unscale(grads)
   finite = jmp.all_finite(grads)
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  params, opt_state = jmp.select_tree(finite, (new_params, new_opt_state), (state.params, state.opt_state))
+  params, opt_state = tx.apply(grads, state.params, state.opt_state, finite)
   nonfinite = {c: state.nonfinite[c] + metrics[f"nonfinite/{c}"].astype(jnp.int32) for c in COMPONENTS}
   nonfinite["grads"] = state.nonfinite["grads"] + (~finite).astype(jnp.int32)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, nonfinite=nonfinite)
@@ -79,13 +77,13 @@ def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup
   """
   cfg, student, teacher = setup.objective, setup.student, setup.teacher
   models_out = run_models(state.params["student"], teacher_params, batch, cfg, student, teacher)
-  student_out, student_maps, teacher_out, _ = models_out
+  student_out, student_qk, teacher_out, _ = models_out
   objective_batch = batch
   if cfg.offline_top_k:  # records from the live teacher, as training makes them: comparable losses
     record = offline_teacher.record_from_output(teacher_out, batch["teacher_attention_mask"], cfg,
                                                 min(student.vocab_size, teacher.vocab_size))
     objective_batch = {**batch, offline_teacher.RECORD_KEY: record}
-    models_out = (student_out, student_maps, None, {})
+    models_out = (student_out, student_qk, None, {})
   _, metrics = objective(state.params, teacher_params, objective_batch, state.opt_step, cfg, student, teacher,
                          models_out=models_out, vocab_map=vocab_map)
   mask_BxL = batch["student_attention_mask"]

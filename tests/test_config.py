@@ -247,10 +247,10 @@ def test_random_moe_arch_initialises_and_returns_router_logits(arch, sparse_laye
   model = build.build_model(cfg.student, 300, jax.random.PRNGKey(0), "student")
   assert model.config.sparse_layers == sparse_layers
   assert models.from_hf_config(model.hf_config) == model.config   # the export describes the same model
-  first = f"layers_{sparse_layers[0]}"
-  mlp = model.params[first]["mlp"]
+  mlp = model.params["moe_blocks"]["mlp"]   # the sparse blocks, stacked
+  n = len(sparse_layers)
   assert (mlp["gate"].shape, mlp["down"].shape, mlp["router"]["kernel"].shape) == (
-      (4, 32, expert_width), (4, expert_width, 32), (32, 4))
+      (n, 4, 32, expert_width), (n, 4, expert_width, 32), (n, 32, 4))
   ids_BxL = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, 300)
   out = transformer.forward(model.params, model.config, ids_BxL, output_router_logits=True)
   assert out.logits_BxLxV.shape == (2, 8, 300) and np.isfinite(np.asarray(out.logits_BxLxV)).all()
@@ -259,8 +259,8 @@ def test_random_moe_arch_initialises_and_returns_router_logits(arch, sparse_laye
   assert np.isfinite(router_BxLxE).all() and router_BxLxE.std() > 1e-3   # a real, initialised router
   # The router is linear without bias, and its layer's input does not depend on it: doubling the first sparse
   # layer's router kernel doubles exactly the logits it returns.
-  doubled_mlp = {**mlp, "router": {"kernel": 2 * mlp["router"]["kernel"]}}
-  doubled = {**model.params, first: {**model.params[first], "mlp": doubled_mlp}}
+  doubled_mlp = {**mlp, "router": {"kernel": mlp["router"]["kernel"].at[0].multiply(2)}}   # stack index 0
+  doubled = {**model.params, "moe_blocks": {**model.params["moe_blocks"], "mlp": doubled_mlp}}
   router2_BxLxE = transformer.forward(doubled, model.config, ids_BxL, output_router_logits=True).router_logits[0]
   np.testing.assert_allclose(np.asarray(router2_BxLxE), 2 * router_BxLxE, rtol=1e-6)
 

@@ -154,6 +154,6 @@ def test_remat_keeps_the_params_and_the_gradients():
   plain, *recomputed = gradients(params)
   for policy, grads in zip(policies, recomputed):
     chex.assert_trees_all_close(grads, plain, atol=1e-7, rtol=1e-6, custom_message=policy)
-  assert float(jnp.abs(plain["layers_0"]["attn"]["q"]["kernel"]).max()) > 0  # gradients reach the first block
+  assert float(jnp.abs(plain["blocks"]["attn"]["q"]["kernel"][0]).max()) > 0  # gradients reach the first block
   with pytest.raises(ValueError, match="remat"):
     dataclasses.replace(cfg, remat="some")

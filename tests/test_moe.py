@@ -112,12 +112,19 @@ def test_parity_with_transformers(moe_checkpoints, name, side):
 def test_expert_outputs_are_the_unweighted_experts_by_hand(moe_checkpoints):
   """The MoE block on random inputs against numpy float64: router, top-k, each expert's SwiGLU, the mix."""
   loaded = models.load_pretrained(moe_checkpoints["qwen3_moe_normed_dense0"][0])
-  cfg, p = loaded.config, loaded.params["layers_1"]["mlp"]
+  cfg = loaded.config
+  stack, index = cfg.stack_of(1)
+  p = jax.tree.map(lambda leaf: leaf[index], loaded.params[stack]["mlp"])
   x_BxLxD = np.random.RandomState(1).normal(size=(2, 5, 32)).astype(np.float32)
   block = transformer.SparseMoE(cfg)
-  dense_out, logits_BxLxE, experts_BxLxExD = jax.jit(lambda x: block.apply({"params": p}, x, True))(x_BxLxD)
-  sparse_out, _, none = jax.jit(lambda x: block.apply({"params": p}, x, False))(x_BxLxD)
+  buffer_1xBxLxExD = jnp.zeros((1, 2, 5, 4, 32), jnp.float32)
+  dense_out, logits_BxLxE, captured = jax.jit(
+      lambda x, slot: block.apply({"params": p}, x, (buffer_1xBxLxExD, slot)))(x_BxLxD, 0)   # traced slot: cond
+  experts_BxLxExD = captured[0]
+  sparse_out, _, none = jax.jit(lambda x: block.apply({"params": p}, x, None))(x_BxLxD)
   assert none is None
+  _, _, untouched = jax.jit(lambda x, slot: block.apply({"params": p}, x, (buffer_1xBxLxExD, slot)))(x_BxLxD, -1)
+  assert not np.asarray(untouched).any()   # slot -1: the sparse path, the buffer left as it was
 
   x_TxD = x_BxLxD.reshape(10, 32).astype(np.float64)
   logits_TxE = x_TxD @ p["router"]["kernel"]

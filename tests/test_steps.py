@@ -143,8 +143,12 @@ def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch(teacher_pa
   curriculum = dataclasses.replace(ALL_ON, contrastive=(0.0,))
   router_cfg = dataclasses.replace(ObjectiveConfig(1).router, load_balance_coef=0.0)
   k = 4
-  accumulated = _setup(curriculum, dataclasses.replace(OPTIM, accumulation_steps=k), router=router_cfg)
-  single = _setup(curriculum, OPTIM, router=router_cfg)
+  # Adam divides by sqrt(v) + eps: a gradient element near eps = 1e-8, the sum of terms that cancel,
+  # turns float32 rounding of the two summation orders into a visible update difference. eps 1e-6
+  # keeps the identity about the averaged gradient, not about those few ill-conditioned elements.
+  optim = dataclasses.replace(OPTIM, eps=1e-6)
+  accumulated = _setup(curriculum, dataclasses.replace(optim, accumulation_steps=k), router=router_cfg)
+  single = _setup(curriculum, optim, router=router_cfg)
   big = _batch(seed=3, batch=2 * k, pad=False)  # equal token counts per micro-batch
   micro = [jax.tree.map(lambda x, i=i: x[2 * i:2 * i + 2], big) for i in range(k)]
 

@@ -18,6 +18,21 @@ DTYPES = ("float32", "bfloat16", "float16")
 #   dots_no_batch: matmuls with the weights only (recompute attention scores and probabilities, the
 #     B*H*L*L part, and the elementwise work).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# How attention is computed (models/attention.py): auto (cuDNN flash attention where the GPU has it, else
+# blockwise), cudnn, blockwise (query blocks under remat: no B*H*L*L kept), xla (materialised, for comparison).
+ATTENTION_IMPLEMENTATIONS = ("auto", "cudnn", "blockwise", "xla")
+# The params hold each kind of block stacked on a leading layer axis: dense blocks under `blocks`, blocks
+# with routed experts under `moe_blocks` (in layer order within each stack).
+STACKS = ("blocks", "moe_blocks")
+
+
+def is_stacked(path_names) -> bool:
+  """Whether a params (or optimizer-state) path runs through a stack: its leaf has a leading layer axis."""
+  return bool(set(path_names) & set(STACKS))
+
+
+# Fields that change how a model runs, not what it computes (nor its weights).
+RUNTIME_FIELDS = ("remat", "attention", "attention_block", "scan_layers")
 ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 MOE_FAMILIES = ("qwen3_moe", "mixtral")  # families whose blocks may route tokens to experts
@@ -67,11 +82,18 @@ class ModelConfig:
   param_dtype: str = "float32"    # storage dtype of the parameters
   dtype: str = "float32"          # compute dtype of activations and matmuls
   remat: str = "none"             # REMAT_POLICIES: what a block keeps for the backward pass (training only)
+  attention: str = "auto"         # ATTENTION_IMPLEMENTATIONS
+  attention_block: int = 512      # query rows per block: blockwise attention and the attention losses
+  scan_layers: bool = True        # run each stack of identical blocks as one lax.scan (False: unrolled)
 
   def __post_init__(self):
     """Rejects MoE settings transformers would mis-handle or silently ignore (ValueError)."""
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat {self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention {self.attention!r} is not one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    if self.attention_block < 1:
+      raise ValueError(f"attention_block {self.attention_block} must be a positive number of query rows")
     if not self.num_experts:
       return
     if not 1 <= self.num_experts_per_tok <= self.num_experts:
@@ -95,6 +117,22 @@ class ModelConfig:
   @property
   def sparse_layers(self) -> tuple[int, ...]:
     return tuple(i for i in range(self.num_layers) if self.is_sparse_layer(i))
+
+  def stack_of(self, layer: int) -> tuple[str, int]:
+    """(the stack in STACKS holding block `layer`, its index along that stack's layer axis)."""
+    sparse = self.is_sparse_layer(layer)
+    return STACKS[sparse], sum(self.is_sparse_layer(i) == sparse for i in range(layer))
+
+  @property
+  def stacks(self) -> dict[str, tuple[int, ...]]:
+    """The non-empty stacks and the layers each holds, in order."""
+    layers = {name: tuple(i for i in range(self.num_layers) if self.stack_of(i)[0] == name) for name in STACKS}
+    return {name: held for name, held in layers.items() if held}
+
+  def architecture(self) -> "ModelConfig":
+    """This config with the RUNTIME_FIELDS at their defaults: what identifies the model's function."""
+    defaults = ModelConfig.__dataclass_fields__
+    return dataclasses.replace(self, **{f: defaults[f].default for f in RUNTIME_FIELDS})
 
   def with_dtypes(self, param_dtype: str, dtype: str) -> "ModelConfig":
     for name, value in (("param_dtype", param_dtype), ("dtype", dtype)):

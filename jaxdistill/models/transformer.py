@@ -1,12 +1,17 @@
 """Flax causal LM covering the Llama, Qwen2, Qwen3, GPT-2, Qwen3-MoE and Mixtral families.
 
 One module, configured by `ModelConfig`; `forward` is the pure entry point
-(params pytree in, arrays out). Hidden states, attention maps, router logits and
-per-expert outputs are only computed and returned when asked for: `attention_layers`
-and `expert_layers` are static tuples, so the B*H*L*L probabilities and the
-B*L*E*D expert outputs of other layers never exist.
+(params pytree in, arrays out). Blocks of one kind are stored stacked (`ModelConfig.stacks`: each
+leaf has a leading layer axis) and run as one `lax.scan` per run of consecutive blocks, so compile
+time does not grow with depth; the remat policy applies to the scanned block. Attention goes through
+`attention.attend` (cuDNN flash attention, or query blocks under remat): no layer keeps a B*H*L*L map.
+Per-layer outputs are returned only when asked for: hidden states (the scan's outputs), router logits,
+and for the static tuples `qk_layers` / `attention_layers` / `expert_layers` each such layer's q and k
+(from which the attention losses recompute map rows block by block), its full map (inspection), or
+its per-expert outputs, written into slots of buffers the scan carries.
 """
 
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -15,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdistill.models import moe
+from jaxdistill.models import attention, moe
 from jaxdistill.models.config import ModelConfig
 from jaxdistill.models.rope import apply_rope, inverse_frequencies
 from jaxdistill.parallel import constrain_batch
@@ -37,11 +42,13 @@ class LMOutput:
   final_hidden_BxLxD: the final-normed hidden state that the LM head reads.
   hidden_states: `num_layers + 1` arrays [B, L, D] in the transformers convention: the embeddings,
     the output of each block, and for the last entry the final-normed output (None unless requested).
-  attentions: attention probabilities [B, H, L, L] in float32, one per entry of `attention_layers`.
+  attentions: attention probabilities [B, H, L, L] in float32, one per entry of `attention_layers`
+    (formed whole from that layer's q and k: for inspection and parity, not for losses).
   router_logits: router logits [B, L, E] in float32, one per sparse (MoE) layer in layer order, when
     `output_router_logits`; () otherwise and for dense models.
   expert_outputs: every expert's unweighted output [B, L, E, D] in the compute dtype, one per entry of
     `expert_layers` (sparse layers of MoE models only; () for dense models).
+  queries_keys: one `attention.QueriesKeys` per entry of `qk_layers`.
   """
   logits_BxLxV: jax.Array | None
   final_hidden_BxLxD: jax.Array
@@ -49,6 +56,7 @@ class LMOutput:
   attentions: tuple[jax.Array, ...]
   router_logits: tuple[jax.Array, ...] = ()
   expert_outputs: tuple[jax.Array, ...] = ()
+  queries_keys: tuple[attention.QueriesKeys, ...] = ()
 
 
 def _init(cfg: ModelConfig):
@@ -82,20 +90,12 @@ def _dense(cfg: ModelConfig, features: int, use_bias: bool, name: str) -> nn.Den
                   kernel_init=_init(cfg), name=name)
 
 
-def attention_mask_BxLxL(mask_BxL: jax.Array) -> jax.Array:
-  """Causal mask restricted to valid keys; each query may always see itself, so no row is empty."""
-  length = mask_BxL.shape[1]
-  causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
-  allowed = causal_LxL[None] & mask_BxL.astype(bool)[:, None, :]
-  return allowed | jnp.eye(length, dtype=bool)[None]
-
-
 class Attention(nn.Module):
+  """Grouped-query attention; returns the output and the layer's queries and keys (after RoPE and norms)."""
   cfg: ModelConfig
-  layer_idx: int
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, allowed_BxLxL, return_probs: bool):
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxL, layer, right_padded: bool):
     cfg = self.cfg
     batch, length, _ = x_BxLxD.shape
     heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -109,19 +109,19 @@ class Attention(nn.Module):
       inv_freq = inverse_frequencies(cfg.rope, head_dim)
       q = apply_rope(q, positions_BxL, inv_freq)
       k = apply_rope(k, positions_BxL, inv_freq)
+    out_BxLxNxK = attention.attend(
+        q, k, v, mask_BxL, head_scale=head_dim ** -0.5, layer_factor=_layer_factor(cfg, layer),
+        implementation=attention.resolve_implementation(cfg.attention, cfg.dtype, head_dim),
+        block=cfg.attention_block, right_padded=right_padded)
+    out_BxLxD = _dense(cfg, cfg.hidden_size, cfg.o_bias, "o")(out_BxLxNxK.reshape(batch, length, heads * head_dim))
+    return out_BxLxD, q, k
 
-    groups = heads // kv_heads
-    q_BxLxGxKxH = q.reshape(batch, length, kv_heads, groups, head_dim)
-    scale = head_dim ** -0.5
-    if cfg.scale_attn_by_inverse_layer_idx:
-      scale /= self.layer_idx + 1
-    scores = jnp.einsum("bqgrk,bsgk->bgrqs", q_BxLxGxKxH, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(allowed_BxLxL[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs_BxGxRxLxL = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bgrqs,bsgk->bqgrk", probs_BxGxRxLxL.astype(cfg.dtype), v)
-    out_BxLxD = _dense(cfg, cfg.hidden_size, cfg.o_bias, "o")(out.reshape(batch, length, heads * head_dim))
-    probs_BxHxLxL = probs_BxGxRxLxL.reshape(batch, heads, length, length) if return_probs else None
-    return out_BxLxD, probs_BxHxLxL
+
+def _layer_factor(cfg: ModelConfig, layer):
+  """GPT-2's `scale_attn_by_inverse_layer_idx`: 1 / (layer + 1) (layer may be traced); None otherwise."""
+  if not cfg.scale_attn_by_inverse_layer_idx:
+    return None
+  return 1.0 / (jnp.asarray(layer, jnp.float32) + 1.0)
 
 
 class MLP(nn.Module):
@@ -144,14 +144,15 @@ class SparseMoE(nn.Module):
 
   Router (no bias) -> float32 softmax -> top-k (renormalised when `norm_topk_prob`) -> the weighted sum
   of the chosen experts, evaluated sparsely by sorting tokens by expert (`moe.chosen_expert_outputs`).
-  With `return_experts` every expert runs on every token instead (E / k times the expert FLOPs), the
-  layer output is mixed from those same outputs, and they are returned [B, L, E, D].
-  Returns (out_BxLxD, router_logits_BxLxE float32, expert_outputs_BxLxExD or None).
+  `capture` = (buffer [S, B, L, E, D], slot): when slot >= 0 (it may be traced), every expert runs on every
+  token instead (E / k times the expert FLOPs), the layer output is mixed from those same outputs, and
+  they are written to buffer[slot]; slot -1 leaves the buffer as it is.
+  Returns (out_BxLxD, router_logits_BxLxE float32, the buffer or None).
   """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, return_experts: bool):
+  def __call__(self, x_BxLxD, capture=None):
     cfg = self.cfg
     batch, length, hidden = x_BxLxD.shape
     experts, width = cfg.num_experts, cfg.moe_intermediate_size
@@ -165,36 +166,47 @@ class SparseMoE(nn.Module):
                             ("down", (experts, width, hidden))))
     act = _ACTIVATIONS[cfg.activation]
     x_TxD = x_BxLxD.reshape(-1, hidden)
-    if return_experts:
+
+    def chosen(buffer):
+      return moe.chosen_expert_outputs(x_TxD, chosen_TxK, gate_ExDxI, up_ExDxI, down_ExIxD, act), buffer
+
+    def every_expert(buffer):
       y_TxExD = moe.all_expert_outputs(x_TxD, gate_ExDxI, up_ExDxI, down_ExIxD, act)
-      y_TxKxD = jnp.take_along_axis(y_TxExD, chosen_TxK[..., None], axis=1)
-      expert_outputs = y_TxExD.reshape(batch, length, experts, hidden)
+      y_BxLxExD = y_TxExD.reshape(batch, length, experts, hidden).astype(buffer.dtype)
+      return (jnp.take_along_axis(y_TxExD, chosen_TxK[..., None], axis=1),
+              jax.lax.dynamic_update_index_in_dim(buffer, y_BxLxExD, slot, 0))
+
+    if capture is None:
+      y_TxKxD, buffer = chosen(None)
     else:
-      y_TxKxD = moe.chosen_expert_outputs(x_TxD, chosen_TxK, gate_ExDxI, up_ExDxI, down_ExIxD, act)
-      expert_outputs = None
+      buffer, slot = capture
+      if isinstance(slot, int):  # unrolled layers: the choice is static
+        y_TxKxD, buffer = every_expert(buffer) if slot >= 0 else chosen(buffer)
+      else:
+        y_TxKxD, buffer = jax.lax.cond(slot >= 0, every_expert, chosen, buffer)
     out_BxLxD = moe.mix(y_TxKxD, weights_TxK).reshape(batch, length, hidden)
-    return out_BxLxD, logits_BxLxE, expert_outputs
+    return out_BxLxD, logits_BxLxE, buffer
 
 
 class Block(nn.Module):
   """Pre-norm attention and MLP (or routed experts) with residuals.
 
-  Returns (x_BxLxD, attention probs or None, router logits or None, expert outputs or None).
+  Returns (x_BxLxD, the layer's q and k, router logits or None, the expert-capture buffer or None).
   """
   cfg: ModelConfig
-  layer_idx: int
+  sparse: bool = False  # routed experts instead of the dense MLP
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, allowed_BxLxL, return_probs: bool, return_experts: bool = False):
-    attn_out, probs = Attention(self.cfg, self.layer_idx, name="attn")(
-        Norm(self.cfg, name="attn_norm")(x_BxLxD), positions_BxL, allowed_BxLxL, return_probs)
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxL, layer, right_padded: bool = False, capture=None):
+    attn_out, q, k = Attention(self.cfg, name="attn")(
+        Norm(self.cfg, name="attn_norm")(x_BxLxD), positions_BxL, mask_BxL, layer, right_padded)
     x_BxLxD = x_BxLxD + attn_out
     normed_BxLxD = Norm(self.cfg, name="mlp_norm")(x_BxLxD)
-    if self.cfg.is_sparse_layer(self.layer_idx):
-      mlp_out, router_logits, expert_outputs = SparseMoE(self.cfg, name="mlp")(normed_BxLxD, return_experts)
+    if self.sparse:
+      mlp_out, router_logits, buffer = SparseMoE(self.cfg, name="mlp")(normed_BxLxD, capture)
     else:
-      mlp_out, router_logits, expert_outputs = MLP(self.cfg, name="mlp")(normed_BxLxD), None, None
-    return x_BxLxD + mlp_out, probs, router_logits, expert_outputs
+      mlp_out, router_logits, buffer = MLP(self.cfg, name="mlp")(normed_BxLxD), None, capture and capture[0]
+    return x_BxLxD + mlp_out, q, k, router_logits, buffer
 
 
 _REMAT_POLICIES = {
@@ -204,61 +216,143 @@ _REMAT_POLICIES = {
 }
 
 
-def _block_class(cfg: ModelConfig):
-  """`Block`, or with `cfg.remat` a `Block` whose backward pass recomputes what the policy does not keep.
+def _stack_init(cfg: ModelConfig, sparse: bool, count: int):
+  """Initialiser of one stack: `count` independently initialised blocks, each leaf stacked on axis 0."""
+  cfg = dataclasses.replace(cfg, attention="blockwise")  # the weights do not depend on the kernel
 
-  Static arguments (the return flags, 4 and 5 counting `self`) stay Python values under the transform.
+  def init(rng):
+    x_BxLxD = jnp.zeros((1, 2, cfg.hidden_size), cfg.dtype)
+    ones_BxL = jnp.ones((1, 2), jnp.int32)
+    def one(key):
+      return Block(cfg, sparse, parent=None).init(key, x_BxLxD, default_positions(ones_BxL), ones_BxL, 0)["params"]
+    return jax.vmap(one)(jax.random.split(rng, count))
+  return init
+
+
+@flax.struct.dataclass
+class _Carry:
+  """What flows from block to block: the residual stream and the buffers the requested outputs go to."""
+  x_BxLxD: jax.Array
+  q_buffer: jax.Array | None        # [S + 1, B, L, N, K]: slot s holds qk_layers[s]; the last is scratch
+  k_buffer: jax.Array | None        # [S + 1, B, L, G, K]
+  expert_buffer: jax.Array | None   # [X, B, L, E, D]: slot x holds expert_layers[x]
+
+
+def _runs(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+  """The layers split into runs of consecutive blocks of one stack: (stack name, layers)."""
+  runs: list[tuple[str, list[int]]] = []
+  for layer in range(cfg.num_layers):
+    stack = cfg.stack_of(layer)[0]
+    if runs and runs[-1][0] == stack:
+      runs[-1][1].append(layer)
+    else:
+      runs.append((stack, [layer]))
+  return [(stack, tuple(layers)) for stack, layers in runs]
+
+
+def _run_blocks(cfg: ModelConfig, stack_params, stack: str, layers: tuple[int, ...], carry: _Carry, positions_BxL,
+                mask_BxL, qk_slots: dict[int, int], expert_slots: dict[int, int], right_padded: bool,
+                output_hidden_states: bool, output_router_logits: bool):
+  """Blocks `layers` (consecutive, one stack) on `carry`: one lax.scan, or unrolled without `cfg.scan_layers`.
+
+  Returns (carry, (hidden states [n, B, L, D] of each layer, or None unless `output_hidden_states`;
+  router logits [n, B, L, E], or None unless `output_router_logits` on a sparse stack)).
   """
-  if cfg.remat == "none":
-    return Block
-  return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(4, 5))
+  block = Block(cfg, sparse=stack == "moe_blocks", parent=None)  # unbound: applied to explicit params
+  first = cfg.stack_of(layers[0])[1]
+  if (first, len(layers)) != (0, len(cfg.stacks[stack])):
+    stack_params = jax.tree.map(lambda p: p[first:first + len(layers)], stack_params)
+  scratch = len(qk_slots)
+
+  def apply_block(params, x_BxLxD, layer, capture):
+    return block.apply({"params": params}, x_BxLxD, positions_BxL, mask_BxL, layer, right_padded, capture)
+
+  if cfg.remat != "none":
+    apply_block = jax.checkpoint(apply_block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+  def one(carry: _Carry, xs):
+    params, layer, qk_slot, expert_slot = xs
+    capture = None if carry.expert_buffer is None else (carry.expert_buffer, expert_slot)
+    x_BxLxD, q, k, router_logits, expert_buffer = apply_block(params, carry.x_BxLxD, layer, capture)
+    x_BxLxD = constrain_batch(x_BxLxD)
+    q_buffer, k_buffer = carry.q_buffer, carry.k_buffer
+    if q_buffer is not None:
+      q_buffer = jax.lax.dynamic_update_index_in_dim(q_buffer, q, qk_slot, 0)
+      k_buffer = jax.lax.dynamic_update_index_in_dim(k_buffer, k, qk_slot, 0)
+    return _Carry(x_BxLxD, q_buffer, k_buffer, expert_buffer), (x_BxLxD if output_hidden_states else None,
+                                                               router_logits if output_router_logits else None)
+
+  qk_index = [qk_slots.get(layer, scratch) for layer in layers]
+  expert_index = [expert_slots.get(layer, -1) for layer in layers]
+  if cfg.scan_layers:
+    xs = (stack_params, jnp.asarray(layers, jnp.int32), jnp.asarray(qk_index, jnp.int32),
+          jnp.asarray(expert_index, jnp.int32))
+    return jax.lax.scan(one, carry, xs)
+  outputs = []
+  for i, layer in enumerate(layers):
+    carry, ys = one(carry, (jax.tree.map(lambda p, i=i: p[i], stack_params), layer, qk_index[i], expert_index[i]))
+    outputs.append(ys)
+  return carry, jax.tree.map(lambda *ys: jnp.stack(ys), *outputs)
 
 
 class CausalLM(nn.Module):
+  """Embeddings, the block stacks (`ModelConfig.stacks`), the final norm and the LM head."""
   cfg: ModelConfig
 
   def setup(self):
     cfg = self.cfg
-    block = _block_class(cfg)
     self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                           param_dtype=cfg.param_dtype, embedding_init=_init(cfg))
     if cfg.rope is None:
       self.pos_embed = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=cfg.dtype,
                                 param_dtype=cfg.param_dtype, embedding_init=_init(cfg))
-    self.layers = [block(cfg, i, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    self.stacks = {name: self.param(name, _stack_init(cfg, name == "moe_blocks", len(layers)))
+                   for name, layers in cfg.stacks.items()}
     self.final_norm = Norm(cfg)
     if not cfg.tie_word_embeddings:
       self.lm_head = _dense(cfg, cfg.vocab_size, False, "lm_head")
 
   def __call__(self, input_ids_BxL, mask_BxL, positions_BxL, output_hidden_states: bool = False,
-               attention_layers: Sequence[int] = (), compute_logits: bool = True,
-               output_router_logits: bool = False, expert_layers: Sequence[int] = ()) -> LMOutput:
+               qk_layers: Sequence[int] = (), compute_logits: bool = True, output_router_logits: bool = False,
+               expert_layers: Sequence[int] = (), right_padded: bool = False) -> LMOutput:
+    cfg = self.cfg
+    batch, length = input_ids_BxL.shape
     x_BxLxD = self.embed(input_ids_BxL)
-    if self.cfg.rope is None:
+    if cfg.rope is None:
       x_BxLxD = x_BxLxD + self.pos_embed(positions_BxL)
     x_BxLxD = constrain_batch(x_BxLxD)
-    allowed_BxLxL = attention_mask_BxLxL(mask_BxL)
-    hidden_states, attentions, router_logits, expert_outputs = [x_BxLxD], {}, [], {}
-    for i, layer in enumerate(self.layers):
-      x_BxLxD, probs, logits_BxLxE, experts_BxLxExD = layer(
-          x_BxLxD, positions_BxL, allowed_BxLxL, i in attention_layers, i in expert_layers)
-      x_BxLxD = constrain_batch(x_BxLxD)
-      hidden_states.append(x_BxLxD)
-      if probs is not None:
-        attentions[i] = probs
-      if logits_BxLxE is not None:
-        router_logits.append(logits_BxLxE)
-      if experts_BxLxExD is not None:
-        expert_outputs[i] = experts_BxLxExD
-    final_BxLxD = self.final_norm(x_BxLxD)
-    hidden_states[-1] = final_BxLxD
+    qk_slots = {layer: slot for slot, layer in enumerate(qk_layers)}
+    expert_slots = {layer: slot for slot, layer in enumerate(expert_layers)}
+    heads = (len(qk_layers) + 1, batch, length)
+    carry = _Carry(
+        x_BxLxD,
+        jnp.zeros(heads + (cfg.num_heads, cfg.head_dim), cfg.dtype) if qk_layers else None,
+        jnp.zeros(heads + (cfg.num_kv_heads, cfg.head_dim), cfg.dtype) if qk_layers else None,
+        jnp.zeros((len(expert_layers), batch, length, cfg.num_experts, cfg.hidden_size), cfg.dtype)
+        if expert_layers else None)
+    hidden_states, router_logits = [x_BxLxD], []
+    for stack, layers in _runs(cfg):
+      carry, (hidden_NxBxLxD, logits_NxBxLxE) = _run_blocks(
+          cfg, self.stacks[stack], stack, layers, carry, positions_BxL, mask_BxL, qk_slots, expert_slots,
+          right_padded, output_hidden_states, output_router_logits)
+      if hidden_NxBxLxD is not None:
+        hidden_states.extend(hidden_NxBxLxD[i] for i in range(len(layers)))
+      if logits_NxBxLxE is not None:
+        router_logits.extend(logits_NxBxLxE[i] for i in range(len(layers)))
+    final_BxLxD = self.final_norm(carry.x_BxLxD)
+    hidden_states = hidden_states[:-1] + [final_BxLxD]
+    queries_keys = tuple(
+        attention.QueriesKeys(carry.q_buffer[slot], carry.k_buffer[slot], jnp.float32(cfg.head_dim ** -0.5) * (
+            1.0 if _layer_factor(cfg, layer) is None else _layer_factor(cfg, layer)))
+        for slot, layer in enumerate(qk_layers))
     return LMOutput(
         logits_BxLxV=self.unembed(final_BxLxD) if compute_logits else None,
         final_hidden_BxLxD=final_BxLxD,
         hidden_states=tuple(hidden_states) if output_hidden_states else None,
-        attentions=tuple(attentions[i] for i in attention_layers),
+        attentions=(),
         router_logits=tuple(router_logits) if output_router_logits else (),
-        expert_outputs=tuple(expert_outputs[i] for i in expert_layers if i in expert_outputs))
+        expert_outputs=tuple(carry.expert_buffer[slot] for slot in range(len(expert_layers))),
+        queries_keys=queries_keys)
 
   def unembed(self, hidden_BxLxD):
     """LM head: final hidden states -> logits (tied to the embeddings or a separate matrix)."""
@@ -284,12 +378,13 @@ def param_shapes(cfg: ModelConfig):
   return jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "output_hidden_states", "attention_layers",
-                                             "compute_logits", "output_router_logits", "expert_layers"))
+@functools.partial(jax.jit, static_argnames=("cfg", "output_hidden_states", "attention_layers", "qk_layers",
+                                             "compute_logits", "output_router_logits", "expert_layers",
+                                             "right_padded"))
 def forward(params, cfg: ModelConfig, input_ids_BxL, mask_BxL=None, positions_BxL=None, *,
             output_hidden_states: bool = False, attention_layers: tuple[int, ...] = (),
-            compute_logits: bool = True, output_router_logits: bool = False,
-            expert_layers: tuple[int, ...] = ()) -> LMOutput:
+            qk_layers: tuple[int, ...] = (), compute_logits: bool = True, output_router_logits: bool = False,
+            expert_layers: tuple[int, ...] = (), right_padded: bool = False) -> LMOutput:
   """Pure forward pass.
 
   Args:
@@ -299,26 +394,37 @@ def forward(params, cfg: ModelConfig, input_ids_BxL, mask_BxL=None, positions_Bx
     mask_BxL: 1 for real tokens, 0 for padding (left or right); all ones when None.
     positions_BxL: position ids; by default counted over real tokens (`default_positions`).
     output_hidden_states: also return every hidden state.
-    attention_layers: layer indices whose attention probabilities are returned.
+    attention_layers: layer indices whose whole attention maps [B, H, L, L] are returned (inspection).
+    qk_layers: layer indices whose queries and keys are returned (`LMOutput.queries_keys`): what the
+      attention losses recompute map rows from, a block of queries at a time.
     compute_logits: False skips the LM head (a chunked loss can apply `unembed` itself).
     output_router_logits: also return the [B, L, E] float32 router logits of every sparse layer.
     expert_layers: sparse layer indices whose per-expert outputs [B, L, E, D] are returned; those layers
       run every expert on every token (E / k times their expert FLOPs). Dense models ignore it.
+    right_padded: a promise that every row's padding (mask 0) is at its end, as in packed training
+      rows; the fused attention kernel then needs no mask tensor (the causal mask alone is exact for
+      every real token). Left padding needs the default False.
   """
   if mask_BxL is None:
     mask_BxL = jnp.ones_like(input_ids_BxL)
   if positions_BxL is None:
     positions_BxL = default_positions(mask_BxL)
-  for layer in attention_layers:
-    if not 0 <= layer < cfg.num_layers:
-      raise ValueError(f"attention layer {layer} is outside 0..{cfg.num_layers - 1}")
+  for kind, layers in (("attention", attention_layers), ("qk", qk_layers)):
+    for layer in layers:
+      if not 0 <= layer < cfg.num_layers:
+        raise ValueError(f"{kind} layer {layer} is outside 0..{cfg.num_layers - 1}")
   if cfg.num_experts:
     for layer in expert_layers:
       if not cfg.is_sparse_layer(layer):
         raise ValueError(f"expert layer {layer} is not a sparse (MoE) layer; those are {cfg.sparse_layers}")
-  return CausalLM(cfg).apply({"params": params}, input_ids_BxL, mask_BxL, positions_BxL,
-                             output_hidden_states, tuple(attention_layers), compute_logits,
-                             output_router_logits, tuple(expert_layers))
+  else:
+    expert_layers = ()
+  requested = tuple(dict.fromkeys(tuple(qk_layers) + tuple(attention_layers)))
+  out = CausalLM(cfg).apply({"params": params}, input_ids_BxL, mask_BxL, positions_BxL, output_hidden_states,
+                            requested, compute_logits, output_router_logits, tuple(expert_layers), right_padded)
+  by_layer = dict(zip(requested, out.queries_keys))
+  return out.replace(attentions=tuple(attention.full_maps(by_layer[i], mask_BxL) for i in attention_layers),
+                     queries_keys=tuple(by_layer[i] for i in qk_layers))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

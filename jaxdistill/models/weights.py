@@ -4,6 +4,9 @@ A rule ties one transformers tensor (or one per expert, stacked) to one or more 
 PyTorch `nn.Linear` stores [out, in] and is transposed; GPT-2's `Conv1D` already stores [in, out];
 GPT-2's fused `c_attn` is split evenly into the q, k and v kernels (and joined again on export).
 
+The Flax params stack each kind of block on a leading layer axis (`ModelConfig.stacks`); the rules
+name one block at a time (`layers_{i}`), and `unstack_layers` / `stack_layers` convert between the two.
+
 MoE experts live in one Flax kernel per projection with a leading expert axis, [E, in, out].
 Checkpoints store them in one of two layouts, both read:
 - per expert, as on the hub and as transformers' `save_pretrained` writes them (and as exported):
@@ -15,6 +18,7 @@ Checkpoints store them in one of two layouts, both read:
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from jaxdistill.errors import ModelLoadError
@@ -141,13 +145,37 @@ def _get(tree, path: Path):
   return tree
 
 
+def _layer_of(leaf, index: int):
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+  return leaf[index]
+
+
+def unstack_layers(params: dict, cfg: ModelConfig) -> dict:
+  """The params with each stack split into one subtree per block, `layers_{i}` (arrays or ShapeDtypeStructs)."""
+  out = {k: v for k, v in params.items() if k not in cfg.stacks}
+  for stack, layers in cfg.stacks.items():
+    for index, layer in enumerate(layers):
+      out[f"layers_{layer}"] = jax.tree.map(lambda leaf, index=index: _layer_of(leaf, index), params[stack])
+  return out
+
+
+def stack_layers(per_layer: dict, cfg: ModelConfig) -> dict:
+  """The inverse of `unstack_layers`: each stack's blocks stacked on a new leading axis (numpy)."""
+  out = {k: v for k, v in per_layer.items() if not k.startswith("layers_")}
+  for stack, layers in cfg.stacks.items():
+    out[stack] = jax.tree.map(lambda *blocks: np.stack(blocks), *[per_layer[f"layers_{i}"] for i in layers])
+  return out
+
+
 def hf_to_flax(state: dict[str, np.ndarray], cfg: ModelConfig, expected, where: str) -> dict:
-  """Builds the params pytree from a transformers state dict (numpy arrays, any float dtype).
+  """Builds the (stacked) params pytree from a transformers state dict (numpy arrays, any float dtype).
 
   `expected` is the pytree of `ShapeDtypeStruct`s the model wants; every shape is checked and
   the arrays are cast to `cfg.param_dtype`. Raises ModelLoadError on missing, unexpected or
   mis-shaped tensors, naming them.
   """
+  expected = unstack_layers(expected, cfg)
   rules = rules_for(cfg, fused_experts=has_fused_experts(state))
   missing = [n for r in rules for n in r.hf_names if n not in state]
   if missing:
@@ -176,12 +204,13 @@ def hf_to_flax(state: dict[str, np.ndarray], cfg: ModelConfig, expected, where: 
             f"{where}: tensor '{rule.hf_names[0]}' has shape {tuple(tensors[0].shape)}, but config.json "
             f"implies a shape that gives {tuple(want.shape)} for {'/'.join(path)}")
       _set(params, path, part.astype(want.dtype))
-  return params
+  return stack_layers(params, cfg)
 
 
 def flax_to_hf(params, cfg: ModelConfig, dtype=None) -> dict[str, np.ndarray]:
   """The transformers state dict of `params` (numpy, contiguous, per-expert MoE layout), optionally cast."""
   state = {}
+  params = unstack_layers(params, cfg)
   for rule in rules_for(cfg):
     parts = [np.asarray(_get(params, p)) for p in rule.flax_paths]
     array = np.concatenate(parts, axis=rule.split_axis) if len(parts) > 1 else parts[0]

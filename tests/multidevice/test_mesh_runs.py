@@ -116,14 +116,15 @@ def test_fsdp_splits_the_params_and_every_optimizer_copy_of_them_alike():
   student = ArchSpec("llama", 64, 32, 2, 4, 2, 64, 64, True).model_config(64, "float32", "float32")
   tx, _ = make_optimizer(OptimConfig(accumulation_steps=2))
   state = create_placed_train_state(plan, models.init_params(student, jax.random.key(0)), {}, tx, jax.random.key(1))
-  q_kernel = state.params["student"]["layers_0"]["attn"]["q"]["kernel"]   # [32, 32]: the first largest dim
-  assert q_kernel.sharding.spec == P("fsdp", None)
-  assert {shard.data.shape for shard in q_kernel.addressable_shards} == {(4, 32)}
-  up_kernel = state.params["student"]["layers_1"]["mlp"]["up"]["kernel"]  # [32, 64]: the 64
-  assert up_kernel.sharding.spec == P(None, "fsdp")
-  assert state.params["student"]["layers_0"]["attn_norm"]["scale"].sharding.is_fully_replicated
+  blocks = state.params["student"]["blocks"]   # 2 blocks stacked: the layer axis is never split
+  q_kernel = blocks["attn"]["q"]["kernel"]   # [2, 32, 32]: per block, the first largest dim
+  assert q_kernel.sharding.spec == P(None, "fsdp", None)
+  assert {shard.data.shape for shard in q_kernel.addressable_shards} == {(2, 4, 32)}
+  up_kernel = blocks["mlp"]["up"]["kernel"]  # [2, 32, 64]: the 64
+  assert up_kernel.sharding.spec == P(None, None, "fsdp")
+  assert blocks["attn_norm"]["scale"].sharding.is_fully_replicated   # [2, 32]: a vector per block
   copies = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
-            if parallel.path_names(path)[-4:] == ("layers_0", "attn", "q", "kernel")]
+            if parallel.path_names(path)[-4:] == ("blocks", "attn", "q", "kernel")]
   assert len(copies) == 3   # the accumulated gradient, Adam's mu and nu
   assert all(copy.sharding == q_kernel.sharding for copy in copies)
 

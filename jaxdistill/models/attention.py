@@ -1,0 +1,157 @@
+"""Attention without B x H x L x L memory: the fused kernel, a query-block loop, and probability rows.
+
+Three implementations of softmax(q k^T * scale + causal/padding mask) v, picked by
+`ModelConfig.attention` ('auto' resolves it where the model is traced, `resolve_implementation`):
+- `cudnn`: `jax.nn.dot_product_attention(implementation='cudnn')`, cuDNN's flash attention (NVIDIA GPUs
+  of compute capability >= 8.0, fp16/bf16, head_dim a multiple of 8 up to 128). It never forms the
+  scores, and keeps only a [B, H, L] log-sum-exp for the backward pass. 'auto' picks it where it runs.
+- `blockwise`: queries in blocks of `attention_block` rows, each block's [B, H, block, L] scores formed,
+  used and dropped inside a `jax.checkpoint`, so the backward pass recomputes them block by block and
+  the step never holds more than one block's rows. 'auto' picks it everywhere else (CPU, the P100's
+  sm_60, fp32). Its arithmetic is the materialised path's, row for row.
+- `xla`: `jax.nn.dot_product_attention(implementation='xla')`, XLA's einsum-softmax-einsum, which forms
+  the whole [B, H, L, L] (forced only, for comparison).
+
+GQA is never expanded: queries are grouped [B, L, G, R, K] against the G key/value heads. The mask is
+causal by query and key index, restricted to keys with mask 1, and a query always sees itself (so no row
+is empty); with `right_padded` (every row's padding at its end, as the packed training data is) the
+causal mask alone is exact for every real token, and the fused kernel gets no mask tensor at all.
+
+`attention_probs` gives the float32 probability rows of any set of queries; the attention-transfer and
+router losses call it one query block at a time (`query_blocks`) on the q and k a layer returned.
+"""
+
+from typing import Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "cudnn", "blockwise", "xla")
+_CUDNN_DTYPES = ("bfloat16", "float16")
+
+
+@flax.struct.dataclass
+class QueriesKeys:
+  """A layer's attention inputs after RoPE and q/k norms: enough to recompute any row of its map.
+
+  q_BxLxNxK: queries (N heads); k_BxLxGxK: keys (G key/value heads); scale: the float32 scalar the
+  scores are multiplied by (head_dim ** -0.5, and 1 / (layer + 1) for GPT-2's inverse-layer option).
+  """
+  q_BxLxNxK: jax.Array
+  k_BxLxGxK: jax.Array
+  scale: jax.Array
+
+
+def resolve_implementation(requested: str, dtype: str, head_dim: int) -> str:
+  """The implementation that runs: `requested`, or for 'auto' cuDNN where it has a kernel, else blockwise."""
+  if requested != "auto":
+    return requested
+  device = jax.devices()[0]
+  capability = getattr(device, "compute_capability", None)
+  if (device.platform == "gpu" and capability and float(capability) >= 8.0 and dtype in _CUDNN_DTYPES
+      and head_dim % 8 == 0 and head_dim <= 128):
+    return "cudnn"
+  return "blockwise"
+
+
+def allowed_BxQxS(query_index_BxQ: jax.Array, key_mask_BxS: jax.Array) -> jax.Array:
+  """Which keys each query sees: earlier-or-same index and mask 1, and always itself."""
+  key_index_S = jnp.arange(key_mask_BxS.shape[1])
+  query_BxQx1 = query_index_BxQ[:, :, None]
+  causal = key_index_S[None, None, :] <= query_BxQx1
+  return (causal & key_mask_BxS.astype(bool)[:, None, :]) | (key_index_S[None, None, :] == query_BxQx1)
+
+
+def attention_probs(q_BxQxNxK: jax.Array, k_BxSxGxK: jax.Array, query_index_BxQ: jax.Array,
+                    key_mask_BxS: jax.Array, scale) -> jax.Array:
+  """Float32 attention probabilities [B, N, Q, S] of the queries at sequence indices `query_index_BxQ`.
+
+  scores = (q k^T) * scale accumulated in float32; keys a query may not see get float32's lowest value;
+  softmax over the keys. Query heads are grouped over the G key heads (GQA), never repeated.
+  """
+  batch, queries, heads, head_dim = q_BxQxNxK.shape
+  kv_heads = k_BxSxGxK.shape[2]
+  q_BxQxGxRxK = q_BxQxNxK.reshape(batch, queries, kv_heads, heads // kv_heads, head_dim)
+  scores = jnp.einsum("bqgrk,bsgk->bgrqs", q_BxQxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32) * scale
+  allowed = allowed_BxQxS(query_index_BxQ, key_mask_BxS)
+  scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(scores, axis=-1).reshape(batch, heads, queries, -1)
+
+
+def query_blocks(fn: Callable, arrays: tuple, block: int):
+  """`fn(*arrays)` for arrays whose axis 1 indexes queries, computed `block` queries at a time.
+
+  `fn` maps arrays [B, Q, ...] to a pytree of arrays [B, Q, ...]. With more than `block` queries the
+  queries are padded to whole blocks (padding repeats query 0, whose rows are always finite), each
+  block runs under `jax.checkpoint` in a `lax.map`, and the results are concatenated back: the forward
+  and backward passes hold one block's intermediates at a time. With `block` queries or fewer (or
+  block 0) `fn` runs once on everything.
+  """
+  queries = arrays[0].shape[1]
+  if not block or queries <= block:
+    return fn(*arrays)
+  num_blocks = -(-queries // block)
+  pad = num_blocks * block - queries
+
+  def split(a):
+    a = jnp.concatenate([a, jnp.repeat(a[:, :1], pad, axis=1)], axis=1) if pad else a
+    a = a.reshape((a.shape[0], num_blocks, block) + a.shape[2:])
+    return jnp.moveaxis(a, 1, 0)
+
+  def join(v):
+    v = jnp.moveaxis(v, 0, 1)
+    return v.reshape((v.shape[0], num_blocks * block) + v.shape[3:])[:, :queries]
+
+  values = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), tuple(split(a) for a in arrays))
+  return jax.tree.map(join, values)
+
+
+def _blockwise(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, key_mask_BxL, scale, block: int):
+  batch, length, heads, head_dim = q_BxLxNxK.shape
+  kv_heads = k_BxLxGxK.shape[2]
+
+  def rows(q_BxQxNxK, index_BxQ):
+    probs_BxGxRxQxL = attention_probs(q_BxQxNxK, k_BxLxGxK, index_BxQ, key_mask_BxL, scale).reshape(
+        batch, kv_heads, heads // kv_heads, q_BxQxNxK.shape[1], length)
+    out = jnp.einsum("bgrqs,bsgk->bqgrk", probs_BxGxRxQxL.astype(v_BxLxGxK.dtype), v_BxLxGxK)
+    return out.reshape(batch, -1, heads, head_dim)
+
+  index_BxL = jnp.broadcast_to(jnp.arange(length), (batch, length))
+  return query_blocks(rows, (q_BxLxNxK, index_BxL), block)
+
+
+def attend(q_BxLxNxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, key_mask_BxL: jax.Array, *,
+           head_scale: float, layer_factor, implementation: str, block: int, right_padded: bool) -> jax.Array:
+  """Attention output [B, L, N, K] in the inputs' dtype.
+
+  Args:
+    q_BxLxNxK, k_BxLxGxK, v_BxLxGxK: queries (N heads) and keys/values (G heads, G divides N).
+    key_mask_BxL: 1 for real tokens, 0 for padding (left or right).
+    head_scale: the static part of the score scale (head_dim ** -0.5).
+    layer_factor: None, or a further (possibly traced) factor (GPT-2's 1 / (layer + 1)).
+    implementation: one of IMPLEMENTATIONS other than 'auto' (`resolve_implementation`).
+    block: query rows per block of the blockwise implementation.
+    right_padded: every row's padding is at its end (the fused kernels then take the causal mask alone).
+  """
+  if implementation == "blockwise":
+    scale = head_scale if layer_factor is None else head_scale * layer_factor
+    return _blockwise(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, key_mask_BxL, scale, block)
+  if implementation not in ("cudnn", "xla"):
+    raise ValueError(f"attention implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+  if layer_factor is not None:  # the fused kernels take a static scale: the traced factor goes into q
+    q_BxLxNxK = q_BxLxNxK * jnp.asarray(layer_factor, q_BxLxNxK.dtype)
+  mask = None
+  if not right_padded:
+    length = key_mask_BxL.shape[1]
+    index_BxL = jnp.broadcast_to(jnp.arange(length), key_mask_BxL.shape)
+    mask = allowed_BxQxS(index_BxL, key_mask_BxL)[:, None]
+  return jax.nn.dot_product_attention(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, mask=mask, scale=head_scale,
+                                      is_causal=right_padded, implementation=implementation)
+
+
+def full_maps(qk: QueriesKeys, key_mask_BxL: jax.Array) -> jax.Array:
+  """The whole float32 map [B, N, L, L] of one layer (inspection and parity; losses use blocks)."""
+  batch, length = key_mask_BxL.shape
+  index_BxL = jnp.broadcast_to(jnp.arange(length), (batch, length))
+  return attention_probs(qk.q_BxLxNxK, qk.k_BxLxGxK, index_BxL, key_mask_BxL, qk.scale)
