@@ -11,7 +11,7 @@ from jaxdistill.config import Config, ModelSpec
 from jaxdistill.data import alignment
 from jaxdistill.errors import ConfigError, ModelLoadError
 from jaxdistill.models import hf_io, transformer
-from jaxdistill.models.config import to_hf_config
+from jaxdistill.models.config import ModelConfig, to_hf_config
 from jaxdistill.tokenizer import load_tokenizer
 
 
@@ -108,3 +108,17 @@ def build_model(spec: ModelSpec, vocab_size: int, rng: jax.Array, field: str) ->
   cfg = dataclasses.replace(spec.arch.model_config(vocab_size, spec.param_dtype, spec.dtype), **spec.runtime())
   params = transformer.init_params(cfg, rng)
   return hf_io.Pretrained(config=cfg, params=params, hf_config=to_hf_config(cfg), path="")
+
+
+def check_positions(model_config: ModelConfig, seq_len: int, field: str, model: str = "the model") -> None:
+  """ConfigError when a model has fewer positions than the `seq_len` tokens it reads per sequence.
+
+  `field` names the data field that set `seq_len`: 'data.seq_len' for the student, 'data.teacher_seq_len'
+  (or 'data.seq_len' where that is 0) for the teacher; `model` says which one in the message. Past its
+  `max_position_embeddings` a model is undefined (GPT-2's learned positions give NaN). Random architectures
+  are checked at parse time (`schema.parse`); this covers checkpoints, whose limit is known once loaded.
+  """
+  limit = model_config.max_position_embeddings
+  if seq_len > limit:
+    raise ConfigError(field, seq_len, f"an integer <= {limit}, the max_position_embeddings of {model} "
+                      f"({model_config.family})")

@@ -1,5 +1,6 @@
 """Shared entry-point plumbing: a quiet environment and one-line errors instead of tracebacks."""
 
+import errno
 import os
 import sys
 from typing import Callable, Sequence
@@ -35,8 +36,22 @@ def parse_command_line(argv: Sequence[str]) -> list[str]:
   """Parses the global absl flags (config file and overrides included), errors as CommandLineError."""
   try:
     return flags.FLAGS(argv)
+  except JaxDistillError:  # already one clear line (a missing config file)
+    raise
   except Exception as e:  # absl raises flags.Error; config_flags lets AttributeError/KeyError through
     raise CommandLineError(one_line(e)) from None
+
+
+def disk_full_message(e: BaseException) -> str | None:
+  """One line for a write that failed for want of space (an OSError, or a library's error quoting one)."""
+  if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+    where = f" writing {e.filename}" if e.filename else ""
+  elif "No space left on device" in str(e):
+    where = ""
+  else:
+    return None
+  return (f"no space left on device{where}; free space there or choose a --workdir on a larger disk (the "
+          "checkpoints written so far are kept)")
 
 
 def run(main: Callable[[Sequence[str]], int | None]) -> None:
@@ -54,6 +69,12 @@ def run(main: Callable[[Sequence[str]], int | None]) -> None:
     except KeyboardInterrupt:
       print("error: interrupted", file=sys.stderr)
       sys.exit(130)
+    except Exception as e:  # a full disk anywhere (metrics, export, data cache) is one line too
+      message = disk_full_message(e)
+      if message is None:
+        raise
+      print(f"error: {message}", file=sys.stderr)
+      sys.exit(2)
 
   def parse_flags(argv):
     try:

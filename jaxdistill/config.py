@@ -108,10 +108,35 @@ def arch_group(family: str = "llama", vocab_size: int = 0, hidden_size: int = 64
 # ---------------------------------------------------------------------------------------------
 # Loading.
 
-def define_config_flag() -> flags.FlagHolder:
+class _ExistingConfigFile:
+  """config_flags' config-file parser, but a missing file is one CommandLineError at once.
+
+  config_flags defers a load failure to the first access, and then reports the module name it made up
+  ('config_config') and a nested error; overrides (`--config.a.b=v`) would touch the failed load first.
+  """
+
+  def __init__(self, parser):
+    self._parser = parser
+
+  def parse(self, argument: str):
+    path = argument.split(":", 1)[0]
+    if not os.path.isfile(path):
+      raise CommandLineError(f"--config: no config file {path!r}")
+    return self._parser.parse(argument)
+
+  def __getattr__(self, name):  # flag_type() and the rest of the absl ArgumentParser interface
+    if name.startswith("_"):  # copy/pickle look these up before __init__ has run
+      raise AttributeError(name)
+    return getattr(self._parser, name)
+
+
+def define_config_flag(flag_values: flags.FlagValues = flags.FLAGS) -> flags.FlagHolder:
   """`--config configs/NAME.py[:arg]` plus `--config.a.b=v` overrides; the loaded dict is locked."""
-  return config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cpu_demo.py:smoke.",
-                                         lock_config=True)
+  holder = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cpu_demo.py:smoke.",
+                                           flag_values=flag_values, lock_config=True)
+  flag = flag_values[holder.name]
+  flag.parser = _ExistingConfigFile(flag.parser)
+  return holder
 
 
 def loaded_config(holder: flags.FlagHolder) -> ml_collections.ConfigDict:

@@ -56,10 +56,14 @@ def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
 
 
 def divergence(log_p: jax.Array, log_q: jax.Array, mode: str, jsd_beta: float) -> jax.Array:
-  """teacher p, student q -> per-token divergence."""
-  if mode == "forward_kl":
+  """teacher p, student q -> per-token divergence.
+
+  'jsd' at beta 0 and 1 is the forward and the reverse KL (TRL's generalized JSD does the same): the
+  mixture formula itself vanishes at both ends (m = q or m = p), a silent zero loss.
+  """
+  if mode == "forward_kl" or (mode == "jsd" and jsd_beta == 0):
     return _kl(log_p, log_q)
-  if mode == "reverse_kl":
+  if mode == "reverse_kl" or (mode == "jsd" and jsd_beta == 1):
     return _kl(log_q, log_p)
   log_m = jnp.logaddexp(jnp.log(jsd_beta) + log_p, jnp.log1p(-jsd_beta) + log_q)
   return jsd_beta * _kl(log_p, log_m) + (1.0 - jsd_beta) * _kl(log_q, log_m)
@@ -96,7 +100,8 @@ def kd_loss(student_logits_BxLxV: jax.Array, teacher_logits_BxLxV: jax.Array, ma
   With p = softmax(z_t / T) (teacher, no gradient) and q = softmax(z_s / T) (student):
     forward_kl: KL(p || q) = sum_v p_v (log p_v - log q_v)
     reverse_kl: KL(q || p)
-    jsd:        beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
+    jsd:        beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q, for 0 < beta < 1;
+                KL(p || q) at beta = 0 and KL(q || p) at beta = 1 (TRL's GKD `beta`)
   loss = T^2 * sum_tokens(mask * divergence) / sum(mask).
 
   With `top_k > 0` the divergence is taken over the teacher's k most likely tokens only:
@@ -108,13 +113,14 @@ def kd_loss(student_logits_BxLxV: jax.Array, teacher_logits_BxLxV: jax.Array, ma
       computed in float32).
     mask_BxL: which tokens count.
     temperature: T > 0 (a traced scalar is fine: the curriculum schedules it).
-    mode: one of KD_MODES. jsd_beta: beta in (0, 1) for 'jsd'.
+    mode: one of KD_MODES. jsd_beta: beta in [0, 1] for 'jsd' (a Python float: it picks the formula).
     top_k: 0 for the full vocabulary. topk_tail: one of TOPK_TAILS.
     chunk_size: tokens per float32 chunk; None computes all tokens at once.
 
   References:
     Hinton et al., Distilling the Knowledge in a Neural Network, 2015.
     Agarwal et al., On-Policy Distillation of Language Models (generalised JSD), 2024.
+    Hugging Face TRL, `GKDTrainer.generalized_jsd_loss` (the beta = 0 / 1 ends).
   """
   temperature = jnp.asarray(temperature, jnp.float32)
 

@@ -3,11 +3,14 @@
 It watches host-side numbers the loop already has (cumulative counters from the state, logged
 losses, evaluation results), prints a warning when one trips and summarises them at the end. Its
 state is plain JSON, saved in every checkpoint so a resumed run keeps watching where it was.
+Divergence is not a warning: `divergence` names it, and the trainer stops the run with `Diverged`.
 """
 
 import dataclasses
 import math
 import re
+
+from jaxdistill.errors import JaxDistillError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,6 +18,20 @@ class MonitorConfig:
   nonfinite_fraction: float = 0.01   # warn when a component is non-finite in more than this share of batches
   plateau_steps: int = 1000          # warn when the training loss has not improved for this many steps
   eval_train_ratio: float = 5.0      # warn when eval loss > this x the recent training loss
+  diverged_steps: int = 100          # stop the run (exit 3) when this many optimizer steps in a row were all
+                                     # skipped for non-finite gradients (and on any non-finite loss)
+
+
+class Diverged(JaxDistillError):
+  """The run diverged: it stops with exit code 3 and keeps its last good checkpoint."""
+  exit_code = 3
+
+  def __init__(self, step: int, reason: str, last_good: str | None, optim, dtype: str):
+    kept = f"the last good checkpoint is {last_good} (kept)" if last_good else "no checkpoint was kept"
+    fp16 = "; with float16 compute, use bfloat16 or float32 (student.dtype)" if dtype == "float16" else ""
+    super().__init__(f"training diverged at step {step}: {reason}; nothing was exported and {kept}. Lower "
+                     f"optim.learning_rate (now {optim.learning_rate:g}) or optim.clip_norm (now {optim.clip_norm:g}), "
+                     f"or raise optim.warmup_steps (now {optim.warmup_steps}){fp16}")
 
 
 class RunMonitor:
@@ -68,6 +85,19 @@ class RunMonitor:
     warnings += self._trip("skipped", new_skips > 0,
                            f"{what}{new_skips} update(s) skipped for non-finite gradients ({skipped} in total)")
     return warnings
+
+  def divergence(self, loss: float, skipped_streak: int, accumulation: int) -> str | None:
+    """Why the run has diverged, or None: a non-finite training loss, or `diverged_steps` skipped in a row.
+
+    `skipped_streak`: micro-batches in a row whose gradients were non-finite (the state's counter).
+    """
+    if not math.isfinite(loss):
+      return f"the training loss is {loss}"
+    steps = skipped_streak // accumulation
+    if steps >= self.cfg.diverged_steps:
+      return (f"the updates of the last {steps} optimizer steps were all skipped for non-finite gradients "
+              f"(monitor.diverged_steps={self.cfg.diverged_steps})")
+    return None
 
   def on_eval(self, eval_loss: float, train_loss: float) -> list[str]:
     ratio = eval_loss / train_loss if train_loss > 0 else math.inf

@@ -78,18 +78,21 @@ class ObjectiveConfig:
     routing = self._resolve_router(teacher)
     experts = () if routing.experts == "moe" else (
         self.expert_layers or router.expert_layers(teacher.num_layers, self.router.num_experts))
-    for s, t in pairs:
-      if not (0 <= s < student.num_layers and 0 <= t < teacher.num_layers):
-        raise ValueError(f"attention pair ({s}, {t}) is outside the student's 0..{student.num_layers - 1} "
-                         f"or the teacher's 0..{teacher.num_layers - 1} blocks")
-    for s, t in layer_map:
-      if not (0 <= s <= student.num_layers and 0 <= t <= teacher.num_layers):
-        raise ValueError(f"layer pair ({s}, {t}) is outside hidden_states 0..{student.num_layers} (student) "
-                         f"or 0..{teacher.num_layers} (teacher)")
+    blocks = f"student blocks 0..{student.num_layers - 1}, teacher blocks 0..{teacher.num_layers - 1}"
+    if not all(0 <= s < student.num_layers and 0 <= t < teacher.num_layers for s, t in pairs):
+      raise ConfigError("distill.attention_pairs", self.attention_pairs, f"(student, teacher) block pairs in {blocks}")
+    if not all(0 <= s <= student.num_layers and 0 <= t <= teacher.num_layers for s, t in layer_map):
+      raise ConfigError("distill.layer_map", self.layer_map, f"(student, teacher) hidden_states index pairs in "
+                        f"student 0..{student.num_layers}, teacher 0..{teacher.num_layers} (0: the embeddings)")
     if routing.experts == "blocks" and (len(experts) != self.router.num_experts
                                         or not all(1 <= e <= teacher.num_layers for e in experts)):
-      raise ValueError(f"expert_layers {experts} must list {self.router.num_experts} teacher layers in "
-                       f"1..{teacher.num_layers}")
+      raise ConfigError("distill.expert_layers", self.expert_layers, f"router.num_experts={self.router.num_experts} "
+                        f"teacher hidden_states indices in 1..{teacher.num_layers}")
+    vocab = min(student.vocab_size, teacher.vocab_size)   # the ids kd compares
+    for field, k in (("distill.kd_top_k", self.kd_top_k), ("offline_teacher.top_k", self.offline_top_k)):
+      if k > vocab:
+        raise ConfigError(field, k, f"an integer <= {vocab}, the vocabulary kd compares (teacher.vocab_size="
+                          f"{teacher.vocab_size}, student.vocab_size={student.vocab_size}), or 0")
     return dataclasses.replace(self, attention_pairs=tuple(pairs), layer_map=tuple(layer_map),
                                expert_layers=tuple(experts), router=routing)
 

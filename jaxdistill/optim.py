@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxdistill.errors import ConfigError
 from jaxdistill.models.config import is_stacked
 from jaxdistill.parallel import path_names
 
@@ -38,6 +39,17 @@ class OptimConfig:
   eps: float = 1e-8
   clip_norm: float = 1.0              # global-norm clip of the averaged gradient
   accumulation_steps: int = 1         # micro-batches per optimizer step
+
+
+def check_warmup(optim: OptimConfig, total_steps: int, steps: str = "the run's optimizer steps") -> None:
+  """ConfigError when the warmup is longer than the `total_steps` a run has (`steps` says whose they are).
+
+  The schedule would end before the learning rate reached its peak. The trainer calls this once the total
+  is known from the data; `schema.parse` checks `train.max_steps` and `stages.teacher_steps` when they are set.
+  """
+  if optim.warmup_steps > total_steps:
+    raise ConfigError("optim.warmup_steps", optim.warmup_steps,
+                      f"an integer <= {total_steps}, {steps}: a longer warmup never reaches the peak learning rate")
 
 
 def lr_schedule(peak: float, cfg: OptimConfig) -> optax.Schedule:

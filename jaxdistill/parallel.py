@@ -111,12 +111,20 @@ def initialize(spec: MeshSpec) -> None:
 
 
 def _resolve(spec: MeshSpec, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) ways on `num_devices`; ConfigError naming the mesh field that cannot fit."""
   model_ways = spec.fsdp * spec.tensor
+  if num_devices % model_ways:
+    # Blame the size that does not divide the devices on its own; fsdp when only their product does not.
+    field = "tensor" if spec.tensor > 1 and (spec.fsdp == 1 or num_devices % spec.tensor) else "fsdp"
+    raise ConfigError(f"mesh.{field}", getattr(spec, field),
+                      f"mesh.fsdp x mesh.tensor = {spec.fsdp} x {spec.tensor} = {model_ways} must divide the "
+                      f"{num_devices} device(s) of this run")
   data = spec.data if spec.data != -1 else num_devices // model_ways
-  if data < 1 or data * model_ways != num_devices:
-    raise ConfigError("mesh.data" if spec.data != -1 else "mesh.fsdp", spec.data if spec.data != -1 else spec.fsdp,
-                      f"sizes whose product mesh.data x mesh.fsdp x mesh.tensor = {spec.data} x {spec.fsdp} x "
-                      f"{spec.tensor} is the run's {num_devices} device(s) (mesh.data=-1 takes the rest)")
+  if data * model_ways != num_devices:
+    raise ConfigError("mesh.data", spec.data,
+                      f"{num_devices // model_ways} or -1: mesh.data x mesh.fsdp x mesh.tensor = {spec.data} x "
+                      f"{spec.fsdp} x {spec.tensor} must be the {num_devices} device(s) of this run (-1 takes every "
+                      f"device not in mesh.fsdp x mesh.tensor)")
   return data, spec.fsdp, spec.tensor
 
 

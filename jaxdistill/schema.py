@@ -22,8 +22,8 @@ from jaxdistill.monitor import MonitorConfig
 from jaxdistill.offline_teacher import OfflineTeacherSpec
 from jaxdistill.offline_teacher import check as check_offline
 from jaxdistill.objective import COMPONENTS, ObjectiveConfig
-from jaxdistill.optim import OptimConfig
-from jaxdistill.parallel import MeshSpec, check_batch_size, check_spec
+from jaxdistill.optim import OptimConfig, check_warmup
+from jaxdistill.parallel import MeshSpec, check_spec
 from jaxdistill.router import EXPERT_SOURCES, RouterConfig
 from jaxdistill.tokenizer import BYTE_TOKENIZER
 
@@ -106,6 +106,8 @@ class TrainSpec:
   eval_every_steps: int = 500           # evaluation interval (and at the end)
   best_metric: str = "student_lm_loss"  # eval metric (lower is better) for the best checkpoint and early stopping
   early_stopping_patience: int = 0      # evaluations without improvement before stopping; 0: never
+  allow_config_change: str = ""         # a resume may change these fields or groups (comma-separated, '*': any),
+                                        # besides train/log/checkpoint/monitor/..., learning rates (fingerprint.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +138,8 @@ class LogSpec:
 class DistillSpec:
   """The `distill` group: how each loss is computed (its weight comes from the curriculum)."""
   kd_mode: str = "forward_kl"           # forward_kl | reverse_kl | jsd
-  jsd_beta: float = 0.5                 # beta of the generalised JSD, in (0, 1)
+  jsd_beta: float = 0.5                 # beta of the generalised JSD in [0, 1] (TRL's): 0 forward KL(teacher ||
+                                        # student), 1 reverse KL(student || teacher), between: the JSD mixture
   kd_top_k: int = 0                     # KD over the teacher's top-k tokens; 0: full vocabulary
   kd_topk_tail: str = "renormalize"     # renormalize | other_bucket
   chunk_size: int = 512                 # tokens per float32 chunk in kd/lm; 0: no chunking
@@ -325,7 +328,8 @@ def _objective(cfg, total_steps: int, mode: str) -> ObjectiveConfig:
          f"one of {', '.join(TOPK_TAILS)}")
   _check(d["hidden_distance"] in HIDDEN_DISTANCES, "distill", "hidden_distance", d["hidden_distance"],
          f"one of {', '.join(HIDDEN_DISTANCES)}")
-  _check(0 < d["jsd_beta"] < 1, "distill", "jsd_beta", d["jsd_beta"], "a number strictly between 0 and 1")
+  _check(0 <= d["jsd_beta"] <= 1, "distill", "jsd_beta", d["jsd_beta"],
+         "a number in [0, 1] (0: forward KL, 1: reverse KL)")
   _check(d["kd_top_k"] >= 0, "distill", "kd_top_k", d["kd_top_k"], "an integer >= 0 (0: full vocabulary)")
   _check(d["chunk_size"] >= 0, "distill", "chunk_size", d["chunk_size"], "an integer >= 0 (0: no chunking)")
   _check(d["cross_vocab_kd"] in CROSS_VOCAB_KD, "distill", "cross_vocab_kd", d["cross_vocab_kd"],
@@ -405,7 +409,10 @@ def parse(cfg: ml_collections.ConfigDict) -> Config:
     check_offline(objective, offline.top_k)
     objective = dataclasses.replace(objective, offline_top_k=offline.top_k)
   data = _data(cfg)
-  mesh = _mesh(cfg, data.batch_size)
+  _check_positions(student, teacher if mode == "distill" else None, data)
+  train = _train(cfg, mode)
+  stages = _stages(cfg, mode, teacher)
+  _check_warmup(optim, train, stages)
   return Config(
       seed=_positive_int(cfg, "seed", "", minimum=0),
       mode=mode,
@@ -416,22 +423,39 @@ def parse(cfg: ml_collections.ConfigDict) -> Config:
       data=data,
       objective=objective,
       optim=optim,
-      train=_train(cfg, mode),
+      train=train,
       checkpoint=_positive_ints(cfg, "checkpoint", CheckpointSpec),
       log=_positive_ints(cfg, "log", LogSpec),
       monitor=_monitor(cfg),
       debug=_debug(cfg, mode),
-      stages=_stages(cfg, mode, teacher),
+      stages=stages,
       offline_teacher=offline,
-      mesh=mesh)
+      mesh=_mesh(cfg))
 
 
-def _mesh(cfg, batch_size: int) -> MeshSpec:
-  """The `mesh` group; the batch check here covers explicit sizes (mesh.data=-1 waits for the devices)."""
-  m = check_spec(MeshSpec(**_group(_get(cfg, "mesh", ""), MeshSpec, "mesh")))
-  if m.data != -1:
-    check_batch_size(batch_size, m.data, m.fsdp)
-  return m
+def _mesh(cfg) -> MeshSpec:
+  """The `mesh` group. Its sizes against the devices, then the batch against the batch axes, are checked
+  where the devices are known (`parallel.MeshPlan`): an impossible mesh is the mesh's fault, not the batch's."""
+  return check_spec(MeshSpec(**_group(_get(cfg, "mesh", ""), MeshSpec, "mesh")))
+
+
+def _check_positions(student: ModelSpec, teacher: ModelSpec | None, data: DataConfig) -> None:
+  """A random architecture has a position for every token it reads (GPT-2's learned positions give NaN past
+  theirs); a checkpoint's limit is checked once it is loaded (`build.check_positions`)."""
+  teacher_field = "data.teacher_seq_len" if data.teacher_seq_len else "data.seq_len"
+  for where, spec, field, length in (("student", student, "data.seq_len", data.seq_len),
+                                     ("teacher", teacher, teacher_field, data.teacher_len)):
+    if spec is not None and spec.arch is not None and spec.arch.max_position_embeddings < length:
+      raise ConfigError(f"{where}.arch.max_position_embeddings", spec.arch.max_position_embeddings,
+                        f"an integer >= {field}={length}, the tokens the {where} reads per sequence (or lower {field})")
+
+
+def _check_warmup(optim: OptimConfig, train: TrainSpec, stages: StagesSpec) -> None:
+  """The warmup fits in the run's steps when train.max_steps sets them, and in the teacher stage's steps."""
+  if train.max_steps:
+    check_warmup(optim, train.max_steps, "the run's optimizer steps (train.max_steps)")
+  if stages.teacher_steps:
+    check_warmup(optim, stages.teacher_steps, "the teacher stage's optimizer steps (stages.teacher_steps)")
 
 
 def _offline(cfg, mode: str) -> OfflineTeacherSpec:
@@ -496,4 +520,5 @@ def _monitor(cfg) -> MonitorConfig:
   _check(0 <= m.nonfinite_fraction < 1, "monitor", "nonfinite_fraction", m.nonfinite_fraction, "a number in [0, 1)")
   _check(m.plateau_steps >= 1, "monitor", "plateau_steps", m.plateau_steps, "an integer >= 1")
   _check(m.eval_train_ratio > 1, "monitor", "eval_train_ratio", m.eval_train_ratio, "a number > 1")
+  _check(m.diverged_steps >= 1, "monitor", "diverged_steps", m.diverged_steps, "an integer >= 1")
   return m

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 
-from jaxdistill import plot
+from jaxdistill import plot, workdir_lock
 from jaxdistill.build import has_tokenizer
 from jaxdistill.config import Config, DebugSpec, StagesSpec
 from jaxdistill.curriculum import lm_only
@@ -150,7 +150,12 @@ def comparison_table(c: dict) -> str:
 
 
 def run(cfg: Config, workdir: str, resume: str | None = None) -> dict:
-  """The whole job: [teacher training], the run itself, [scratch baseline and comparison], the plot."""
+  """The whole job, holding the workdir's lock: [teacher training], the run, [scratch baseline], the plot."""
+  with workdir_lock.hold(workdir, enabled=is_main_process()):
+    return _run(cfg, workdir, resume)
+
+
+def _run(cfg: Config, workdir: str, resume: str | None) -> dict:
   data_cache = os.path.join(workdir, "data_cache")  # one packed copy of the data for every stage
   if cfg.stages.teacher_steps:
     cfg = with_teacher(cfg, trained_teacher(cfg, data_cache))

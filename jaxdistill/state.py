@@ -23,6 +23,7 @@ class TrainState:
   nonfinite: dict[str, jax.Array]  # int32 counters, keys NONFINITE_COUNTERS
   loss_scale: jax.Array      # float32; stays 1 unless fp16 dynamic loss scaling is on
   loss_scale_good_steps: jax.Array  # int32 finite steps since the scale last changed
+  skipped_streak: jax.Array  # int32 micro-batches in a row whose gradients were non-finite (update skipped)
 
   @property
   def opt_step(self) -> jax.Array:
@@ -46,7 +47,7 @@ def create_train_state(student_params, heads_params, tx: optim.Optimizer, rng: j
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
                     nonfinite={k: jnp.zeros((), jnp.int32) for k in NONFINITE_COUNTERS},
                     loss_scale=jnp.asarray(initial_loss_scale, jnp.float32),
-                    loss_scale_good_steps=jnp.zeros((), jnp.int32))
+                    loss_scale_good_steps=jnp.zeros((), jnp.int32), skipped_streak=jnp.zeros((), jnp.int32))
 
 
 def create_placed_train_state(plan, student_params, heads_params, tx: optim.Optimizer, rng: jax.Array,

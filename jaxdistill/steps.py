@@ -53,7 +53,8 @@ def train_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setu
   params, opt_state = tx.apply(grads, state.params, state.opt_state, finite)
   nonfinite = {c: state.nonfinite[c] + metrics[f"nonfinite/{c}"].astype(jnp.int32) for c in COMPONENTS}
   nonfinite["grads"] = state.nonfinite["grads"] + (~finite).astype(jnp.int32)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, nonfinite=nonfinite)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, nonfinite=nonfinite,
+                            skipped_streak=jnp.where(finite, 0, state.skipped_streak + 1))
   if setup.dynamic_loss_scale:
     adjusted = scaler.adjust(finite)
     new_state = new_state.replace(loss_scale=adjusted.loss_scale, loss_scale_good_steps=adjusted.counter)

@@ -14,6 +14,7 @@ fingerprint (Python's version and path) and `_TRAINED_FORMAT`, and loaded from t
 """
 
 import collections
+import contextlib
 import functools
 import hashlib
 import json
@@ -22,8 +23,10 @@ import re
 import shutil
 import tempfile
 
+from jaxdistill import workdir_lock
 from jaxdistill.errors import ModelLoadError
 from jaxdistill.models import hf_io
+from jaxdistill.parallel import is_main_process
 
 BYTE_TOKENIZER = "byte"
 END_OF_TEXT = "<|endoftext|>"
@@ -196,7 +199,9 @@ def trained_tokenizer(kind: str, vocab_size: int):
 
   directory = trained_tokenizer_dir(kind, vocab_size)
   if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
-    _save_atomically(_train_on_builtin_corpus(kind, vocab_size), directory)
+    with _training_lock(directory):  # one run trains it; another stops at once, naming that run
+      if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        _save_atomically(_train_on_builtin_corpus(kind, vocab_size), directory)
   return PreTrainedTokenizerFast.from_pretrained(directory)
 
 
@@ -209,6 +214,19 @@ def trained_tokenizer_dir(kind: str, vocab_size: int) -> str:
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
   root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return os.path.join(root, "jaxdistill", "tokenizers", f"{kind}-{vocab_size}-{digest}")
+
+
+@contextlib.contextmanager
+def _training_lock(directory: str):
+  """Holds the lock of a tokenizer being trained: `<cache>/jaxdistill/locks/tokenizers-<name>.lock`."""
+  root = os.path.dirname(os.path.dirname(directory))
+  try:
+    with workdir_lock.hold(os.path.join(root, "locks"), "tokenizer cache",
+                           name=f"tokenizers-{os.path.basename(directory)}.lock", enabled=is_main_process()):
+      yield
+  except workdir_lock.CannotLock:
+    raise ModelLoadError(f"cannot save a trained tokenizer in {os.path.dirname(directory)}: set XDG_CACHE_HOME to a "
+                         "writable directory") from None
 
 
 def _train_on_builtin_corpus(kind: str, vocab_size: int):

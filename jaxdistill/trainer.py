@@ -18,18 +18,19 @@ from tqdm import tqdm
 
 from jaxdistill import checkpoint as ckpt
 from jaxdistill import config as config_lib
+from jaxdistill import fingerprint
 from jaxdistill import metrics as metrics_lib
-from jaxdistill import offline_teacher, parallel
+from jaxdistill import offline_teacher, parallel, workdir_lock
 from jaxdistill.build import (build_model, build_teacher_tokenizer, build_tokenizer, check_cross_vocab_objective,
-                              vocab_map)
+                              check_positions, vocab_map)
 from jaxdistill.data.alignment import vocab_size
 from jaxdistill.data.pipeline import DataPipeline
 from jaxdistill.errors import ConfigError, JaxDistillError
 from jaxdistill.metrics import log
 from jaxdistill.models import save_pretrained
-from jaxdistill.monitor import RunMonitor, out_of_memory_message
+from jaxdistill.monitor import Diverged, RunMonitor, out_of_memory_message
 from jaxdistill.objective import COMPONENTS, init_heads
-from jaxdistill.optim import make_optimizer
+from jaxdistill.optim import check_warmup, make_optimizer
 from jaxdistill.state import create_placed_train_state
 from jaxdistill.steps import StepSetup, compile_steps
 
@@ -126,11 +127,14 @@ def _summary(cfg, teacher, student, data, setup: StepSetup, total_steps: int, st
 
 
 def _drill(batch: dict, micro_step: int, debug) -> dict:
-  """Adds the `inject_nonfinite` vector when a debug drill is configured (every batch, to keep one shape)."""
+  """Adds the `inject_nonfinite` vector when a debug drill is configured (every batch, to keep one shape).
+
+  Micro-batches inject_every - 1, 2 * inject_every - 1, ... are poisoned: 1 in inject_every of any prefix.
+  """
   if not debug.inject_nonfinite:
     return batch
   inject = np.zeros(len(COMPONENTS), np.float32)
-  if micro_step % debug.inject_every == 0:
+  if (micro_step + 1) % debug.inject_every == 0:
     inject[COMPONENTS.index(debug.inject_nonfinite)] = np.nan
   return {**batch, "inject_nonfinite": inject}
 
@@ -144,18 +148,49 @@ def _evaluate(eval_step, state, data, plan: parallel.MeshPlan) -> dict:
 
 def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None = None,
                        data_cache: str | None = None, devices=None) -> dict:
-  """Runs one training run; returns the final evaluation metrics.
+  """Runs one training run, holding the workdir's lock; returns the final evaluation metrics.
 
   `resume`: a checkpoint path or None. `data_cache`: where packed data is cached (default
   WORKDIR/data_cache; the cache key covers everything the arrays depend on, so runs may share one).
   `devices`: the devices the mesh spans (default: every device of the run, `jax.devices()`).
   """
   parallel.initialize(cfg.mesh)  # multi-host: joins the cluster before anything touches a device
-  plan = parallel.MeshPlan(cfg.mesh, devices)
+  plan = parallel.MeshPlan(cfg.mesh, devices)  # checked before anything is written
   plan.check_batch_size(cfg.data.batch_size)
   if jax.process_count() > 1 and cfg.offline_teacher.top_k:
     raise ConfigError("offline_teacher.top_k", cfg.offline_teacher.top_k,
                       "0 in a multi-process run (records are kept by a single process)")
+  with workdir_lock.hold(workdir, enabled=parallel.is_main_process()):
+    return _train_and_evaluate(cfg, workdir, resume, data_cache, plan)
+
+
+def _restore(cfg, checkpointer: ckpt.Checkpointer, resume: str | None, state, data) -> tuple[object, dict]:
+  """(state, meta) of the checkpoint this run continues, or the fresh `state`; meta holds this run's fingerprint.
+
+  The checkpoint must be of this run (its fingerprint, see `fingerprint.check`), and so must the
+  workdir's own checkpoints when `resume` names another: this run's saves would rotate them away.
+  """
+  run_fingerprint = fingerprint.of_run(cfg, data.identity, ckpt.abstract(state))
+  allow = fingerprint.allowed_changes(cfg.train.allow_config_change)
+
+  def accept(meta: dict, name: str) -> None:
+    for change in fingerprint.check(meta.get("fingerprint"), run_fingerprint, allow, name):
+      log(f"[RESUME] {change.field}: {change.saved!r} -> {change.now!r} (allowed)")
+
+  if resume:
+    own = checkpointer.newest_meta()
+    if own is not None:
+      fingerprint.check(own[0].get("fingerprint"), run_fingerprint, allow, own[1])
+    restored = ckpt.restore_path(resume, ckpt.abstract(state), accept)
+  elif checkpointer.has_checkpoints():
+    restored = checkpointer.restore_latest(ckpt.abstract(state), accept)
+  else:
+    return state, {"fingerprint": run_fingerprint}
+  return restored.state, {**restored.meta, "fingerprint": run_fingerprint}
+
+
+def _train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None, data_cache: str | None,
+                        plan: parallel.MeshPlan) -> dict:
   os.makedirs(workdir, exist_ok=True)
   distill = cfg.mode == "distill"  # otherwise plain LM training: no teacher at all
   tokenizer = build_tokenizer(cfg)
@@ -172,6 +207,10 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
       if distill else None
   teacher_config = teacher.config if distill else None
   student = build_model(cfg.student, vocab_size(tokenizer), student_rng, "student")
+  check_positions(student.config, cfg.data.seq_len, "data.seq_len", "the student")
+  if distill:
+    check_positions(teacher.config, cfg.data.teacher_len,
+                    "data.teacher_seq_len" if cfg.data.teacher_seq_len else "data.seq_len", "the teacher")
   shared_tokens = None if teacher is None or teacher_tokenizer is None else vocab_map(
       tokenizer, teacher_tokenizer, student.config.vocab_size, teacher.config.vocab_size)
 
@@ -181,6 +220,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
     raise JaxDistillError(f"one epoch has {data.batches_per_epoch} micro-batches, fewer than "
                           f"optim.accumulation_steps={accumulation}: lower it or data.batch_size, or add data")
   total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+  check_warmup(cfg.optim, total_steps)
   optim = dataclasses.replace(cfg.optim, total_steps=total_steps)
   objective = dataclasses.replace(cfg.objective, total_steps=total_steps).resolve_layers(student.config, teacher_config)
   fp16 = student.config.dtype == "float16"
@@ -195,13 +235,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
     shared_tokens = plan.replicate(shared_tokens)
 
   checkpointer = ckpt.Checkpointer(workdir, cfg.checkpoint.keep)
-  meta = {}
-  if resume:
-    state, meta = ckpt.restore_path(resume, ckpt.abstract(state))
-  elif checkpointer.has_checkpoints():
-    restored = checkpointer.restore_latest(ckpt.abstract(state))
-    if restored is not None:
-      state, meta = restored
+  state, meta = _restore(cfg, checkpointer, resume, state, data)
   monitor = RunMonitor(cfg.monitor, meta.get("monitor"))
   best_metric = meta.get("best_metric")
   evals_without_improvement = meta.get("evals_without_improvement", 0)
@@ -226,7 +260,16 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
       offline.store.flush()
     return {"step": step, "micro_step": micro_step, "data_position": data.position(micro_step),
             "monitor": monitor.state_dict(), "best_metric": best_metric,
-            "evals_without_improvement": evals_without_improvement}
+            "evals_without_improvement": evals_without_improvement, "fingerprint": meta["fingerprint"]}
+
+  def diverged(step: int, reason: str) -> Diverged:
+    return Diverged(step, reason, checkpointer.last_good(), cfg.optim, student.config.dtype)
+
+  def save(step: int, best: bool = False) -> None:
+    """Checkpoints the state; a state with a non-finite value is never saved (the run diverged)."""
+    if not bool(ckpt.all_finite(state)):
+      raise diverged(step, "the parameters or the optimizer state hold non-finite values")
+    checkpointer.save(step, state, run_meta(step), best=best)
 
   last_eval_step = None
 
@@ -238,10 +281,12 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
     log(metrics_lib.eval_block(step, result))
     if distill and step % cfg.log.curriculum_every_steps == 0:
       log(metrics_lib.curriculum_block(step, total_steps, "eval", result))
+    if not np.isfinite(result["loss"]):
+      raise diverged(step, f"the evaluation loss is {result['loss']}")
     value = result[cfg.train.best_metric]
     if best_metric is None or value < best_metric:
       best_metric, evals_without_improvement = value, 0
-      checkpointer.save(step, state, run_meta(step), best=True)
+      save(step, best=True)
     else:
       evals_without_improvement += 1
     return result
@@ -271,6 +316,7 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
           continue
         step = micro_step // accumulation
         bar.update(1)
+        checkpointer.seal_finished()
 
         if step % cfg.log.every_steps == 0 or step % cfg.log.debug_every_steps == 0 or step == total_steps:
           train_metrics = _host(step_metrics)
@@ -286,6 +332,9 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
           last_train = record
           for warning in monitor.on_train(step, micro_step, counters, record["loss"], fp16):
             log(warning)
+          reason = monitor.divergence(record["loss"], int(state.skipped_streak), accumulation)
+          if reason:
+            raise diverged(step, reason)
           if step % cfg.log.debug_every_steps == 0:
             log(metrics_lib.debug_block(step, record))
           if distill and step % cfg.log.curriculum_every_steps == 0:
@@ -299,17 +348,18 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
             for warning in monitor.on_eval(result["loss"], last_train["loss"]):
               log(warning)
         if step % cfg.checkpoint.every_steps == 0 or epoch_end or step == total_steps:
-          checkpointer.save(step, state, run_meta(step))
+          save(step)
         patience = cfg.train.early_stopping_patience
         if patience and evals_without_improvement >= patience:
           log(f"[EARLY STOP] {cfg.train.best_metric} has not improved for {patience} evaluations")
-          checkpointer.save(step, state, run_meta(step))
+          save(step)
           break
         if stop.signum is not None:
           raise Interrupted(stop.signum)
   except BaseException as error:
     bar.close()
     _emergency_save(checkpointer, state, micro_step, accumulation, run_meta, error)
+    _close_quietly(checkpointer)
     writer.close()
     raise
   bar.close()
@@ -336,10 +386,26 @@ def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None 
   return result
 
 
-def _emergency_save(checkpointer, state, micro_step, accumulation, run_meta, error) -> None:
-  """Saves the last complete state when the run dies; a state lost to a failed donated step is reported."""
-  step = micro_step // accumulation
+def _close_quietly(checkpointer) -> None:
+  """Finishes (and seals) the saves in flight as the run dies; a failure there leaves the earlier ones."""
   try:
+    checkpointer.close()
+  except Exception as e:  # e.g. the disk filled up under an asynchronous save
+    log(f"[CHECKPOINT] a save in flight did not finish ({type(e).__name__}); the checkpoints before it stand")
+
+
+def _emergency_save(checkpointer, state, micro_step, accumulation, run_meta, error) -> None:
+  """Saves the last complete state when the run dies; a state lost to a failed donated step is reported.
+
+  A diverged run or a full disk saves nothing: the last good checkpoint stands.
+  """
+  step = micro_step // accumulation
+  if isinstance(error, (Diverged, ckpt.DiskFull)):
+    return
+  try:
+    if not bool(ckpt.all_finite(state)):
+      log(f"[EMERGENCY] no checkpoint: the state at step {step} holds non-finite values; the last good one stands")
+      return
     written = checkpointer.save(step, state, run_meta(step) | {"emergency": type(error).__name__})
     checkpointer.wait()
     what = "written" if written else "already on disk"

@@ -1,7 +1,8 @@
 """Shared fixtures: tiny random transformers models of every supported family, saved in HF format."""
 
 import os
-
+import subprocess
+import sys
 import tempfile  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here; a hub id must fail fast with our message
@@ -111,3 +112,28 @@ class CountingTokenizer:
 
   def __getattr__(self, name):
     return getattr(self.inner, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# End-to-end runs of `python -m jaxdistill.train` (tests/test_train.py, tests/test_run_safety.py).
+
+SMOKE = "configs/cpu_demo.py:smoke"
+# The demo's distillation stage alone: no teacher training before it, no scratch baseline after it.
+DISTILL_ONLY = ["--config.stages.teacher_steps=0", "--config.stages.scratch_baseline=False"]
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+  """Subprocess environment: offline, CPU, this session's persistent compilation cache, a private user cache
+  (where the demo keeps its trained teachers)."""
+  return {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
+          "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("user_cache"))}
+
+
+def train_command(workdir, *args, config=SMOKE) -> list[str]:
+  return [sys.executable, "-m", "jaxdistill.train", f"--config={config}", f"--workdir={workdir}", *args]
+
+
+def run_train(env, workdir, *args, config=SMOKE, timeout=300) -> subprocess.CompletedProcess:
+  return subprocess.run(train_command(workdir, *args, config=config), capture_output=True, text=True, env=env,
+                        timeout=timeout)

@@ -10,7 +10,7 @@ import pytest
 from conftest import FAMILY_CONFIGS, make_torch_model
 from jaxdistill import config as config_lib
 from jaxdistill import models
-from jaxdistill.errors import CommandLineError, ConfigError
+from jaxdistill.errors import CommandLineError, ConfigError, ModelLoadError
 
 CONFIG_FILES = sorted(glob.glob("configs/*.py"))
 
@@ -76,6 +76,46 @@ def test_missing_config_file():
     config_lib.load("configs/nope.py")
 
 
+@pytest.mark.parametrize("argv", [["--config=configs/nope.py"],
+                                  ["--config", "configs/nope.py:smoke", "--config.seed=3"]])
+def test_missing_config_file_on_the_command_line_is_one_clear_line(argv, monkeypatch):
+  """Before: `--config: Configuration is not available because of an earlier failure to load: Failed loading
+  config file config_config [Errno 2] No such file or directory: 'configs/nope.py'`."""
+  from absl import flags
+  monkeypatch.setattr("sys.argv", ["train", *argv])   # config_flags finds the overrides in sys.argv
+  flag_values = flags.FlagValues()
+  holder = config_lib.define_config_flag(flag_values)
+  with pytest.raises(CommandLineError) as error:
+    flag_values(["train", *argv])
+    config_lib.loaded_config(holder)
+  assert str(error.value) == "--config: no config file 'configs/nope.py'"
+
+
+def test_an_existing_config_file_still_loads_with_overrides(monkeypatch):
+  from absl import flags
+  argv = ["train", "--config=configs/cpu_demo.py:smoke", "--config.seed=3"]
+  monkeypatch.setattr("sys.argv", argv)
+  flag_values = flags.FlagValues()
+  holder = config_lib.define_config_flag(flag_values)
+  flag_values(argv)
+  cfg = config_lib.loaded_config(holder)
+  assert cfg.is_locked and cfg.seed == 3 and cfg.data.seq_len == 32
+
+
+def _config_arguments():
+  for path in CONFIG_FILES:
+    for arg in ("",) + getattr(config_lib.config_module(path), "ARGS", ("smoke",)):
+      yield path + (f":{arg}" if arg else "")
+
+
+@pytest.mark.parametrize("config", list(_config_arguments()))
+def test_every_config_argument_parses_with_its_warmup_inside_its_steps(config):
+  """Every shipped config form (:smoke, :cross, ...): the warmup fits the run and the teacher stage."""
+  parsed = config_lib.parse(config_lib.load(config))
+  for steps in (parsed.train.max_steps, parsed.stages.teacher_steps):
+    assert steps == 0 or parsed.optim.warmup_steps <= steps
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("student.dtype", "float64", r"'student.dtype' = 'float64' is not allowed: one of float32, bfloat16, float16"),
     ("teacher.param_dtype", "int8", r"'teacher.param_dtype' = 'int8' .* one of float32, bfloat16, float16"),
@@ -95,7 +135,7 @@ def test_missing_config_file():
     ("seed", -1, r"'seed' = -1 .* an integer >= 0"),
     ("distill.kd_mode", "kl", r"'distill.kd_mode' = 'kl' .* one of forward_kl, reverse_kl, jsd"),
     ("distill.kd_topk_tail", "drop", r"'distill.kd_topk_tail' = 'drop' .* one of renormalize, other_bucket"),
-    ("distill.jsd_beta", 1.0, r"'distill.jsd_beta' = 1.0 .* strictly between 0 and 1"),
+    ("distill.jsd_beta", 1.5, r"'distill.jsd_beta' = 1.5 .* a number in \[0, 1\] \(0: forward KL, 1: reverse KL\)$"),
     ("distill.attention_pairs", ((1,),), r"'distill.attention_pairs' = \(\(1,\),\) .* index pairs"),
     ("curriculum.kd", (0.7, 0.7), r"'curriculum.kd' = \(0.7, 0.7\) .* 3 values, one per phase"),
     ("curriculum.boundaries", (0.6, 0.3), r"'curriculum.boundaries' .* increasing fractions"),
@@ -282,3 +322,135 @@ def test_training_groups_become_typed_configs():
   assert parsed.optim.accumulation_steps == 4 and parsed.optim.learning_rate == 1.0
   assert parsed.objective.total_steps == parsed.optim.total_steps == 0  # derived by the trainer
   hash(parsed)  # static jit arguments must be hashable
+
+
+# ---------------------------------------------------------------------------------------------
+# Values that fail only against the models, the devices or the run's length: one line each.
+
+def _smoke(**overrides):
+  return config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", overrides))
+
+
+def _models(cfg, vocab_size=257):
+  return (cfg.student.arch.model_config(vocab_size, "float32", "float32"),
+          cfg.teacher.arch.model_config(vocab_size, "float32", "float32"))
+
+
+@pytest.mark.parametrize("objective, message", [
+    (dict(attention_pairs=((2, 0),)), "config field 'distill.attention_pairs' = ((2, 0),) is not allowed: (student, "
+                                      "teacher) block pairs in student blocks 0..1, teacher blocks 0..1"),
+    (dict(layer_map=((1, 1), (3, 2))), "config field 'distill.layer_map' = ((1, 1), (3, 2)) is not allowed: "
+                                       "(student, teacher) hidden_states index pairs in student 0..2, teacher 0..2 "
+                                       "(0: the embeddings)"),
+    (dict(expert_layers=(1, 2, 2, 5)), "config field 'distill.expert_layers' = (1, 2, 2, 5) is not allowed: "
+                                       "router.num_experts=4 teacher hidden_states indices in 1..2"),
+    (dict(kd_top_k=258), "config field 'distill.kd_top_k' = 258 is not allowed: an integer <= 257, the vocabulary kd "
+                         "compares (teacher.vocab_size=257, student.vocab_size=257), or 0"),
+    (dict(offline_top_k=300), "config field 'offline_teacher.top_k' = 300 is not allowed: an integer <= 257, the "
+                              "vocabulary kd compares (teacher.vocab_size=257, student.vocab_size=257), or 0"),
+])
+def test_layer_indices_and_top_k_outside_the_models_name_field_value_and_range(objective, message):
+  """Before: a bare ValueError (a traceback) for the layer indices; top-k larger than the vocabulary was not checked."""
+  cfg = _smoke()
+  student, teacher = _models(cfg)
+  with pytest.raises(ConfigError) as error:
+    dataclasses.replace(cfg.objective, **objective).resolve_layers(student, teacher)
+  assert str(error.value) == message
+  assert dataclasses.replace(cfg.objective, kd_top_k=257).resolve_layers(student, teacher).kd_top_k == 257
+
+
+@pytest.mark.parametrize("mesh, message", [
+    (dict(fsdp=3), "config field 'mesh.fsdp' = 3 is not allowed: mesh.fsdp x mesh.tensor = 3 x 1 = 3 must divide "
+                   "the 1 device(s) of this run"),
+    (dict(tensor=3), "config field 'mesh.tensor' = 3 is not allowed: mesh.fsdp x mesh.tensor = 1 x 3 = 3 must divide "
+                     "the 1 device(s) of this run"),
+    (dict(data=1, fsdp=3), "config field 'mesh.fsdp' = 3 is not allowed: mesh.fsdp x mesh.tensor = 3 x 1 = 3 must "
+                           "divide the 1 device(s) of this run"),
+    (dict(data=3), "config field 'mesh.data' = 3 is not allowed: 1 or -1: mesh.data x mesh.fsdp x mesh.tensor = 3 x 1 "
+                   "x 1 must be the 1 device(s) of this run (-1 takes every device not in mesh.fsdp x mesh.tensor)"),
+])
+def test_an_impossible_mesh_names_the_mesh_and_the_devices_not_the_batch(mesh, message):
+  """Before: mesh.tensor=3 blamed 'mesh.fsdp' = 1, and an explicit mesh.data (data=1, fsdp=3 or data=3) blamed
+  'data.batch_size' = 4 at parse time, before the devices were known."""
+  from jaxdistill import parallel
+  cfg = _smoke(**{f"mesh.{field}": value for field, value in mesh.items()})   # the batch of 4 is no longer blamed
+  with pytest.raises(ConfigError) as error:
+    parallel.MeshPlan(cfg.mesh, jax.devices()[:1])
+  assert str(error.value) == message
+  with pytest.raises(ConfigError) as error:   # the batch is blamed only where the mesh fits and the batch does not
+    parallel.check_batch_size(cfg.data.batch_size, 3, 1)
+  assert str(error.value) == ("config field 'data.batch_size' = 4 is not allowed: a multiple of 3, the devices the "
+                              "batch is split over (mesh.data x mesh.fsdp = 3 x 1); or change the mesh")
+
+
+@pytest.mark.parametrize("path", ["/no/such/dir", "./x", "~/no/such/dir", "runs/a/student_hf"])
+def test_a_missing_local_model_path_is_not_a_hub_id(path):
+  """Before: 'runs/a/student_hf' (and '~/x' that existed) went to the hub: 'could not get ... from the hub'."""
+  from jaxdistill import build
+  from jaxdistill.paths import looks_like_local_path
+  cfg = _smoke(**{"teacher.name_or_path": path, "stages.teacher_steps": 0})
+  with pytest.raises(ModelLoadError) as error:
+    build.build_model(cfg.teacher, 257, jax.random.key(0), "teacher")
+  assert str(error.value) == (f"teacher.name_or_path: directory '{path}' does not exist (a local path: hub ids are "
+                              f"'name' or 'owner/name')")
+  assert looks_like_local_path(path)
+  assert not any(map(looks_like_local_path, ["gpt2", "HuggingFaceTB/SmolLM-135M", "checkpoints/qwen3-moe-1b"]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"optim.warmup_steps": 13}, "config field 'optim.warmup_steps' = 13 is not allowed: an integer <= 12, the run's "
+                                 "optimizer steps (train.max_steps): a longer warmup never reaches the peak learning "
+                                 "rate"),
+    ({"optim.warmup_steps": 9}, "config field 'optim.warmup_steps' = 9 is not allowed: an integer <= 8, the teacher "
+                                "stage's optimizer steps (stages.teacher_steps): a longer warmup never reaches the "
+                                "peak learning rate"),
+])
+def test_a_warmup_longer_than_the_run_is_refused(overrides, message):
+  """Before: accepted; the learning rate never reached its peak."""
+  with pytest.raises(ConfigError) as error:
+    _smoke(**overrides)
+  assert str(error.value) == message
+  assert _smoke(**{"optim.warmup_steps": 8}).optim.warmup_steps == 8   # equal to the teacher stage's steps is fine
+
+
+def test_check_warmup_against_the_steps_the_data_gives():
+  from jaxdistill.optim import OptimConfig, check_warmup
+  check_warmup(OptimConfig(warmup_steps=50), 50)
+  with pytest.raises(ConfigError) as error:
+    check_warmup(OptimConfig(warmup_steps=100), 37)
+  assert str(error.value) == ("config field 'optim.warmup_steps' = 100 is not allowed: an integer <= 37, the run's "
+                              "optimizer steps: a longer warmup never reaches the peak learning rate")
+
+
+@pytest.mark.parametrize("config, overrides, message", [
+    ("configs/cpu_demo.py:smoke", {"student.arch.max_position_embeddings": 31},
+     "config field 'student.arch.max_position_embeddings' = 31 is not allowed: an integer >= data.seq_len=32, the "
+     "tokens the student reads per sequence (or lower data.seq_len)"),
+    ("configs/cpu_demo.py:smoke", {"teacher.arch.family": "gpt2", "teacher.arch.num_kv_heads": 4,
+                                   "teacher.arch.max_position_embeddings": 16},
+     "config field 'teacher.arch.max_position_embeddings' = 16 is not allowed: an integer >= data.seq_len=32, the "
+     "tokens the teacher reads per sequence (or lower data.seq_len)"),
+    ("configs/cpu_demo.py:cross_smoke", {"teacher.arch.max_position_embeddings": 39},
+     "config field 'teacher.arch.max_position_embeddings' = 39 is not allowed: an integer >= data.teacher_seq_len=40, "
+     "the tokens the teacher reads per sequence (or lower data.teacher_seq_len)"),
+])
+def test_fewer_positions_than_tokens_are_refused(config, overrides, message):
+  """Before: accepted; GPT-2's learned positions past their table gave NaN losses."""
+  with pytest.raises(ConfigError) as error:
+    config_lib.parse(config_lib.load(config, overrides))
+  assert str(error.value) == message
+  # Plain LM training has no teacher: its positions do not matter.
+  lm = {"mode": "lm", "stages.teacher_steps": 0, "stages.scratch_baseline": False}
+  assert config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", {
+      "teacher.arch.max_position_embeddings": 16, **lm})).mode == "lm"
+
+
+def test_check_positions_of_a_checkpoint():
+  from jaxdistill import build
+  student, _ = _models(_smoke())
+  short = dataclasses.replace(student, max_position_embeddings=16)
+  build.check_positions(short, 16, "data.seq_len", "the student checkpoint")
+  with pytest.raises(ConfigError) as error:
+    build.check_positions(short, 32, "data.seq_len", "the student checkpoint")
+  assert str(error.value) == ("config field 'data.seq_len' = 32 is not allowed: an integer <= 16, the "
+                              "max_position_embeddings of the student checkpoint (llama)")

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import CountingTokenizer
 from jaxdistill.data import DataConfig, DataError, DataPipeline, load_documents, pack_sequences, split_documents
+from jaxdistill.data.corpus import read_documents
 from jaxdistill.data.pipeline import tokenize_documents
 from jaxdistill.errors import ConfigError
 from jaxdistill.tokenizer import byte_tokenizer
@@ -334,6 +335,11 @@ def test_hub_dataset_column_and_missing_column(monkeypatch):
     ("max_documents", -1, "an integer >= 0"), ("max_eval_batches", 1.5, "an integer >= 0"),
     ("teacher_seq_len", 1, "0 (same as data.seq_len) or an integer >= 2"),
     ("teacher_seq_len", True, "0 (same as data.seq_len) or an integer >= 2"),
+    ("encoding", "no-such-codec", "a text encoding Python knows, e.g. 'utf-8', 'latin-1', 'cp1252', 'utf-16'"),
+    ("encoding", "base64", "a text encoding Python knows, e.g. 'utf-8', 'latin-1', 'cp1252', 'utf-16'"),
+    ("encoding", 8, "a string"),
+    ("encoding_errors", "ignore",
+     "strict (an undecodable byte stops the run) or replace (it becomes U+FFFD, counted)"),
     ("source", "", "builtin:stdlib_docs, a .txt, .jsonl, .json, .parquet file or a directory of them, "
                    "or a Hugging Face dataset id")])
 def test_config_values_out_of_range(field, value, allowed):
@@ -345,6 +351,103 @@ def test_config_values_out_of_range(field, value, allowed):
 def test_teacher_seq_len_defaults_to_seq_len():
   assert DataConfig(seq_len=8).teacher_len == 8
   assert DataConfig(seq_len=8, teacher_seq_len=5).teacher_len == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Encodings: undecodable bytes stop the run (strict) or are counted (replace); binary files are refused.
+
+FIX = "set data.encoding to the file's encoding (e.g. 'latin-1') or data.encoding_errors='replace'"
+LATIN1_TXT = "first paragraph\n\ncafé au lait\n".encode("latin-1")  # é = 0xe9 at offset 16 + 1 + 3 = 20, line 3
+LATIN1_JSONL = '{"text": "ok"}\n{"text": "café"}\n'.encode("latin-1")  # line 1 is 15 bytes: é at 15 + 13 = 28
+
+
+def test_strict_names_the_file_line_offset_byte_and_fix(tmp_path, tok):
+  (tmp_path / "a.txt").write_bytes(LATIN1_TXT)
+  (tmp_path / "b.jsonl").write_bytes(LATIN1_JSONL)
+  (tmp_path / "c.json").write_bytes(b'[{"text": "ok"},\n {"text": "\xe2\x82"}]')  # a truncated 3-byte sequence
+  assert _message(DataError, config(tmp_path / "a.txt")) == (
+      f"{tmp_path / 'a.txt'}:3: byte 0xe9 at offset 20 cannot be decoded as utf-8 (invalid continuation byte); "
+      + FIX)
+  assert _message(DataError, config(tmp_path / "b.jsonl")) == (
+      f"{tmp_path / 'b.jsonl'}:2: byte 0xe9 at offset 28 cannot be decoded as utf-8 (invalid continuation byte); "
+      + FIX)
+  assert _message(DataError, config(tmp_path / "c.json")) == (
+      f"{tmp_path / 'c.json'}:2: bytes 0xe2 0x82 at offset 28 cannot be decoded as utf-8 "
+      f"(invalid continuation byte); {FIX}")
+  assert _message(DataError, config(tmp_path / "a.txt"), tok, seed=0).startswith(f"{tmp_path / 'a.txt'}:3: byte 0xe9")
+
+
+def test_the_right_encoding_decodes_the_same_files(tmp_path):
+  (tmp_path / "a.txt").write_bytes(LATIN1_TXT)
+  (tmp_path / "b.jsonl").write_bytes(LATIN1_JSONL)
+  assert load_documents(config(tmp_path / "a.txt", encoding="latin-1")) == ["first paragraph", "café au lait"]
+  assert load_documents(config(tmp_path / "b.jsonl", encoding="latin-1")) == ["ok", "café"]
+  (tmp_path / "c.txt").write_bytes("naïve\r\n\r\nœuvre".encode("cp1252"))  # Windows line ends, as before
+  assert load_documents(config(tmp_path / "c.txt", encoding="cp1252")) == ["naïve", "œuvre"]
+
+
+def test_utf16_text_reads_with_its_encoding_and_looks_binary_without(tmp_path):
+  (tmp_path / "a.txt").write_bytes("héllo\n\nwörld\n".encode("utf-16"))  # BOM, then NUL high bytes
+  (tmp_path / "b.jsonl").write_bytes('{"text": "ünï"}\n\n{"text": "cödé"}\n'.encode("utf-16"))
+  assert load_documents(config(tmp_path / "a.txt", encoding="utf-16")) == ["héllo", "wörld"]
+  assert load_documents(config(tmp_path / "b.jsonl", encoding="utf-16")) == ["ünï", "cödé"]
+  assert _message(DataError, config(tmp_path / "a.txt")) == (  # b'\xff\xfeh\x00': the first NUL at offset 3
+      f"{tmp_path / 'a.txt'}: a NUL byte at offset 3: looks like a binary file; data.source takes text files "
+      "(for UTF-16 or UTF-32 text set data.encoding)")
+
+
+def test_replace_counts_the_undecodable_sequences(tmp_path, caplog):
+  (tmp_path / "a.txt").write_bytes(b"caf\xe9 na\xefve\n\nok\n")  # 2 undecodable bytes
+  (tmp_path / "b.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "x\xe2\x82y"}\n')  # 1 sequence of 2 bytes
+  documents, stats = read_documents(config(tmp_path / "a.txt", encoding_errors="replace"))
+  assert documents == ["caf\ufffd na\ufffdve", "ok"]
+  assert (stats.replaced, stats.files) == (2, [str(tmp_path / "a.txt")])
+  caplog.clear()
+  documents, stats = read_documents(config(tmp_path, encoding_errors="replace"))
+  assert documents == ["caf\ufffd na\ufffdve", "ok", "ok", "x\ufffdy"]
+  assert (stats.replaced, stats.files) == (3, [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")])
+  assert stats.describe() == ("3 undecodable byte sequences in 2 files replaced by U+FFFD "
+                              "(data.encoding_errors='replace')")
+  (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert warning == (f"data.source: {stats.describe()}: {tmp_path / 'a.txt'}, {tmp_path / 'b.jsonl'}; "
+                     "set data.encoding to their encoding to read them exactly")
+  documents, stats = read_documents(config(tmp_path / "b.jsonl", encoding_errors="replace", encoding="latin-1"))
+  assert documents == ["ok", "x\xe2\x82y"] and stats.replaced == 0  # latin-1 decodes every byte
+  assert stats.describe() == ""
+
+
+def test_binary_files_are_refused_even_under_replace(tmp_path):
+  (tmp_path / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
+  (tmp_path / "d").mkdir()
+  (tmp_path / "d" / "a.jsonl").write_bytes(b'{"text": "ok"}\n\0\0\n')  # the NUL counts from the file's start
+  for errors in ("strict", "replace"):
+    assert _message(DataError, config(tmp_path / "image.txt", encoding_errors=errors)) == (
+        f"{tmp_path / 'image.txt'}: a NUL byte at offset 8: looks like a binary file; data.source takes text "
+        "files (for UTF-16 or UTF-32 text set data.encoding)")
+  assert _message(DataError, config(tmp_path / "d")).startswith(
+      f"{tmp_path / 'd' / 'a.jsonl'}: a NUL byte at offset 15: looks like a binary file")
+
+
+def test_pipeline_reports_replaced_bytes_built_and_cached(tmp_path, tok, caplog):
+  source = tmp_path / "docs.jsonl"
+  write_jsonl(source, numbered_docs(19))
+  with open(source, "ab") as f:
+    f.write(b'{"text": "\xff\xfe-\xe9"}\n')  # 0xff, 0xfe, 0xe9: 3 sequences
+  cfg, cache = config(source, seq_len=8, batch_size=2, encoding_errors="replace"), str(tmp_path / "cache")
+  expected = "; 3 undecodable byte sequences in 1 file replaced by U+FFFD (data.encoding_errors='replace')"
+  caplog.clear()
+  built = DataPipeline(cfg, CountingTokenizer(tok), seed=0, cache_dir=cache)  # the cache key names its type
+  assert built.summary().endswith(expected) and built.decoding.files == [str(source)]
+  assert sum("undecodable" in r.getMessage() for r in caplog.records) == 1
+  caplog.clear()
+  counting = CountingTokenizer(tok)
+  cached = DataPipeline(cfg, counting, seed=0, cache_dir=cache)
+  assert counting.calls == 0 and cached.summary() == built.summary()
+  assert (cached.decoding.replaced, cached.decoding.files) == (3, [str(source)])
+  assert not [r for r in caplog.records if "undecodable" in r.getMessage()]  # warned when built, not again
+  clean = DataPipeline(config(write_jsonl(tmp_path / "clean.jsonl", numbered_docs(20)), seq_len=8, batch_size=2),
+                       tok, seed=0)
+  assert "undecodable" not in clean.summary() and clean.decoding.replaced == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,3 +503,16 @@ def test_cache_key_follows_seed_settings_and_file_content(tmp_path, tok):
   assert DataPipeline(cfg, counting, seed=0, cache_dir=cache).num_documents == 21
   assert counting.calls == 2
   assert len(os.listdir(cache)) == 4
+
+
+def test_cache_key_follows_the_encoding_fields(tmp_path, tok):
+  source = write_jsonl(tmp_path / "docs.jsonl", numbered_docs(20))
+  cache = str(tmp_path / "cache")
+  DataPipeline(config(source, seq_len=8, batch_size=2), CountingTokenizer(tok), seed=0, cache_dir=cache)
+  for encoding, errors, rebuilt in [("latin-1", "strict", True), ("latin1", "strict", False),  # one codec, two names
+                                    ("utf-8", "replace", True), ("UTF8", "strict", False)]:
+    counting = CountingTokenizer(tok)
+    DataPipeline(config(source, seq_len=8, batch_size=2, encoding=encoding, encoding_errors=errors), counting,
+                 seed=0, cache_dir=cache)
+    assert counting.calls == (2 if rebuilt else 0), (encoding, errors)
+  assert len(os.listdir(cache)) == 3

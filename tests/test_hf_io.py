@@ -58,6 +58,13 @@ def test_export_keeps_source_config_fields_and_tokenizer(hf_checkpoints, tmp_pat
   with pytest.raises(ModelLoadError, match="the tokenizer has 257 tokens but the model's vocabulary has only 97"):
     models.save_pretrained(loaded.params, loaded.config, str(tmp_path / "bad"), tokenizer=tokenizer)
 
+  poisoned = jax.tree.map(np.array, loaded.params)  # copies
+  poisoned["final_norm"]["scale"][3] = np.nan
+  with pytest.raises(ModelLoadError, match=r"not exporting to .*/nan: the weights hold non-finite values \(a diverged "
+                                           r"run\); nothing was written"):
+    models.save_pretrained(poisoned, loaded.config, str(tmp_path / "nan"))
+  assert not os.path.exists(tmp_path / "nan")
+
   cfg = dataclasses.replace(loaded.config, vocab_size=len(tokenizer))
   source = dict(loaded.hf_config, my_custom_field=123)
   out_dir = models.save_pretrained(models.init_params(cfg, jax.random.key(0)), cfg, str(tmp_path / "e"),
@@ -170,9 +177,11 @@ def test_offline_hub_id_says_how_to_use_a_local_directory():
     models.load_pretrained("HuggingFaceTB/SmolLM-135M")
 
 
-def test_nonexistent_local_path():
-  with pytest.raises(ModelLoadError, match=r"'./no/such/dir' is not a directory"):
-    models.load_pretrained("./no/such/dir")
+@pytest.mark.parametrize("path", ["./no/such/dir", "/no/such/dir", "~/no/such/dir", "runs/no/student_hf"])
+def test_nonexistent_local_path_is_not_looked_up_on_the_hub(path):
+  with pytest.raises(ModelLoadError, match=rf"^directory '{path}' does not exist \(a local path: hub ids are 'name' "
+                                           r"or 'owner/name'\)$"):
+    models.load_pretrained(path)
 
 
 def test_unsupported_rope_scaling(hf_checkpoints):

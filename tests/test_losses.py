@@ -250,6 +250,34 @@ def test_kd_loss_hand_computed():
   np.testing.assert_allclose(np.log(16 / 9), 0.5753641449035618, rtol=1e-12)
 
 
+def test_kd_loss_jsd_ends_are_the_two_kls_as_in_trl():
+  """TRL's generalized JSD: beta 0 is KL(teacher || student), beta 1 is KL(student || teacher).
+
+  The mixture formula vanishes at both ends (m = q at beta 0, m = p at beta 1), so the ends are the KLs and
+  beta just inside them is the small mixture value, never a silent 0. Same tokens as `test_kd_loss_hand_computed`
+  (p = [3/4, 1/4], q = [1/2, 1/2], T = 2); beta = 0.01: m = [0.5025, 0.4975],
+    T^2 (0.01 (3/4 ln(0.75/0.5025) + 1/4 ln(0.25/0.4975)) + 0.99 (1/2 ln(0.5/0.5025) + 1/2 ln(0.5/0.4975)))
+  = 4 (0.01 x 0.1283245... + 0.99 x 0.0000125...) = 0.0051825...; beta = 0.99 by the same formula: 0.0056871...
+  """
+  student_1x2x2 = np.array([[[0.0, 0.0], [1e4, -3e4]]], np.float32)
+  teacher_1x2x2 = np.array([[[2 * np.log(3.0), 0.0], [-2e4, 5e3]]], np.float32)
+  mask_1x2 = np.array([[1, 0]], np.float32)
+  jsd = jax.jit(losses.kd_loss, static_argnames=("mode", "jsd_beta", "top_k", "topk_tail", "chunk_size"))
+
+  def loss(beta):
+    return float(jsd(student_1x2x2, teacher_1x2x2, mask_1x2, temperature=2.0, mode="jsd", jsd_beta=beta))
+
+  np.testing.assert_allclose(loss(0.0), 0.5232481437645479, rtol=1e-6)   # ln(27/16), the forward KL
+  np.testing.assert_allclose(loss(1.0), 0.5753641449035618, rtol=1e-6)   # ln(16/9), the reverse KL
+  p, q = np.array([0.75, 0.25]), np.array([0.5, 0.5])
+  for beta in (0.01, 0.99):
+    m = beta * p + (1 - beta) * q
+    expected = 4.0 * (beta * np.sum(p * np.log(p / m)) + (1 - beta) * np.sum(q * np.log(q / m)))
+    np.testing.assert_allclose(loss(beta), expected, rtol=1e-4)   # float32 on a value 100x below the KLs
+  np.testing.assert_allclose([loss(0.01), loss(0.99)], [0.0051825, 0.0056871], rtol=1e-4)
+  assert 1e-3 < loss(0.01) < 0.1 and 1e-3 < loss(0.99) < 0.1   # near the ends: small, not 0, not the KLs
+
+
 @pytest.mark.parametrize("mode, top_k, tail", KD_CASES, ids=KD_IDS)
 def test_kd_loss_is_zero_for_identical_models(mode, top_k, tail):
   logits_BxLxV = _normal(2, (B, L, V), 3.0)

@@ -50,3 +50,37 @@ def test_out_of_memory_message_names_the_request_and_the_settings():
                   "student.dtype", "teacher.param_dtype"):
     assert setting in message
   assert out_of_memory_message(ValueError("shapes do not match"), 1, 1, 1) is None
+
+
+def test_divergence_is_a_non_finite_loss_or_a_run_of_skipped_updates():
+  monitor = RunMonitor(MonitorConfig(diverged_steps=3))
+  assert monitor.divergence(2.0, skipped_streak=5, accumulation=2) is None   # 2 whole steps of 2 micro-batches
+  assert monitor.divergence(2.0, skipped_streak=6, accumulation=2) == (
+      "the updates of the last 3 optimizer steps were all skipped for non-finite gradients (monitor.diverged_steps=3)")
+  assert monitor.divergence(float("nan"), skipped_streak=0, accumulation=1) == "the training loss is nan"
+
+
+def test_the_divergence_error_says_what_to_lower_and_what_was_kept():
+  from jaxdistill.monitor import Diverged
+  from jaxdistill.optim import OptimConfig
+
+  optim = OptimConfig(learning_rate=1e6, warmup_steps=1, clip_norm=1.0)
+  error = Diverged(6, "the training loss is nan", "runs/x/checkpoints/4", optim, "float16")
+  assert error.exit_code == 3
+  assert str(error) == ("training diverged at step 6: the training loss is nan; nothing was exported and the last "
+                        "good checkpoint is runs/x/checkpoints/4 (kept). Lower optim.learning_rate (now 1e+06) or "
+                        "optim.clip_norm (now 1), or raise optim.warmup_steps (now 1); with float16 compute, use "
+                        "bfloat16 or float32 (student.dtype)")
+
+
+def test_a_full_disk_is_one_line():
+  import errno
+
+  from jaxdistill.cli import disk_full_message
+
+  error = OSError(errno.ENOSPC, "No space left on device", "runs/x/metrics.jsonl")
+  assert disk_full_message(error) == ("no space left on device writing runs/x/metrics.jsonl; free space there or "
+                                      "choose a --workdir on a larger disk (the checkpoints written so far are kept)")
+  assert disk_full_message(ValueError("tensorstore: ... No space left on device [os error 28]")).startswith(
+      "no space left on device; free space there")
+  assert disk_full_message(OSError(errno.EACCES, "Permission denied")) is None

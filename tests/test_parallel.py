@@ -50,9 +50,6 @@ def test_tensor_rules_skip_a_dimension_that_does_not_divide():
     ("mesh.fsdp", 0, r"'mesh.fsdp' = 0 .* an integer >= 1"),
     ("mesh.teacher_sharding", "zero3", r"'mesh.teacher_sharding' = 'zero3' .* one of fsdp, all, replicated"),
     ("mesh.distributed", "yes", r"'mesh.distributed' = 'yes' .* one of auto, on, off"),
-    # The smoke config's micro-batch of 4 sequences cannot be split 8 ways: one error, before any device.
-    ("mesh.data", 8, r"'data.batch_size' = 4 .* a multiple of 8, the devices the batch is split over "
-                     r"\(mesh.data x mesh.fsdp = 8 x 1\)"),
 ])
 def test_bad_mesh_values_name_field_value_and_allowed(field, value, message):
   with pytest.raises(ConfigError, match=message):
@@ -60,9 +57,14 @@ def test_bad_mesh_values_name_field_value_and_allowed(field, value, message):
 
 
 def test_the_mesh_must_use_exactly_the_runs_devices():
-  with pytest.raises(ConfigError, match=r"'mesh.data' = 2 .* mesh.data x mesh.fsdp x mesh.tensor = 2 x 1 x 1 is "
-                                        r"the run's 1 device\(s\)"):
+  with pytest.raises(ConfigError, match=r"'mesh.data' = 2 .* 1 or -1: mesh.data x mesh.fsdp x mesh.tensor = 2 x 1 x 1 "
+                                        r"must be the 1 device\(s\) of this run"):
     parallel.MeshPlan(parallel.MeshSpec(data=2), jax.devices()[:1])
+  # The batch is checked against the mesh once the mesh fits the devices (an 8-way mesh on 1 device is the
+  # mesh's fault, not the batch of 4's): parsing leaves both to MeshPlan.
+  spec = config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", {"mesh.data": 8})).mesh
+  with pytest.raises(ConfigError, match=r"'mesh.data' = 8 .* 1 or -1"):
+    parallel.MeshPlan(spec, jax.devices()[:1])
   plan = parallel.MeshPlan(parallel.MeshSpec(), jax.devices()[:1])  # data=-1 takes what is left
   assert plan.shape == {"data": 1, "fsdp": 1, "tensor": 1}
 

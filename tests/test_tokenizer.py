@@ -153,7 +153,7 @@ def test_vocabulary_too_large_for_the_corpus(tmp_path, monkeypatch):
   for spec in ("bpe:400", "sp:400"):
     with pytest.raises(ModelLoadError, match=rf"^'{spec}': 2 training documents give \d+ tokens, not 400: use a"):
       load_tokenizer(spec)
-  assert not os.path.exists(tmp_path / "jaxdistill")  # nothing cached
+  assert not os.path.exists(tmp_path / "jaxdistill" / "tokenizers")  # nothing cached
 
 
 def test_unwritable_cache(tmp_path, monkeypatch):

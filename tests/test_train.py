@@ -3,38 +3,18 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
+from conftest import DISTILL_ONLY, SMOKE, run_train as _run, train_command as _command
 from jaxdistill.metrics import read_records
 from jaxdistill.objective import COMPONENTS
 
-SMOKE = "configs/cpu_demo.py:smoke"
-# The demo's distillation stage alone: no teacher training before it, no scratch baseline after it.
-DISTILL_ONLY = ["--config.stages.teacher_steps=0", "--config.stages.scratch_baseline=False"]
 # A longer smoke run for interruption tests: 40 optimizer steps, checkpoints every 5.
 LONG = [*DISTILL_ONLY, "--config.train.max_steps=40", "--config.log.tensorboard=False", "--config.checkpoint.every_steps=5", "--config.train.eval_every_steps=20",
         "--config.log.debug_every_steps=20", "--config.log.curriculum_every_steps=20", "--config.log.every_steps=5"]
-
-
-@pytest.fixture(scope="session")
-def env(tmp_path_factory):
-  """Subprocess environment: offline, CPU, conftest's persistent compilation cache, a private user cache
-  (where the demo keeps its trained teachers)."""
-  return {**os.environ, "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu",
-          "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("user_cache"))}
-
-
-def _command(workdir, *args, config=SMOKE):
-  return [sys.executable, "-m", "jaxdistill.train", f"--config={config}", f"--workdir={workdir}", *args]
-
-
-def _run(env, workdir, *args, config=SMOKE, timeout=300):
-  return subprocess.run(_command(workdir, *args, config=config), capture_output=True, text=True, env=env,
-                        timeout=timeout)
 
 
 def _start(env, workdir, *args):
@@ -220,8 +200,8 @@ def test_injected_nonfinite_batches_are_counted_and_the_monitor_warns(env, tmp_p
   result = _run(env, tmp_path, *DISTILL_ONLY, "--config.debug.inject_nonfinite=contrastive",
                 "--config.debug.inject_every=6")
   assert result.returncode == 0, result.stderr[-3000:]
-  # Micro-batches 0, 6, 12, 18 of 24 are poisoned: 4 / 24 = 17% > 1%.
-  assert "[MONITOR] contrastive was non-finite in 1 of 2 batches" in result.stdout
+  # Micro-batches 5, 11, 17, 23 of 24 are poisoned (1 in 6 of any prefix): first seen at step 3, 1 / 6 > 1%.
+  assert "[MONITOR] contrastive was non-finite in 1 of 6 batches (16.7% > 1%)" in result.stdout
   assert "[MONITOR] warnings this run: nonfinite/contrastive x1" in result.stdout
   records = [r for r in read_records(os.path.join(tmp_path, "metrics.jsonl")) if r["split"] == "train"]
   assert records[-1]["count/nonfinite/contrastive"] == 4 and records[-1]["count/nonfinite/grads"] == 0
@@ -253,7 +233,13 @@ def test_p100_smoke_forms_train_and_export(env, tmp_path, config):
     (["--config.student.dtyp=float32"], SMOKE, "error: no such config field 'dtyp'. Did you mean \"dtype\" instead"),
     ([], "configs/cpu_demo.py:huge", "error: flag --config=configs/cpu_demo.py:huge: Error whilst parsing config "
                                      "file: ValueError: unknown config argument 'huge'; allowed: smoke"),
-    ([], "configs/nope.py", "No such file or directory: 'configs/nope.py'"),
+    ([], "configs/nope.py", "error: --config: no config file 'configs/nope.py'"),
+    # Stop before anything is compiled: the mesh against the devices, a missing model directory.
+    (["--config.mesh.tensor=3"], SMOKE, "error: config field 'mesh.tensor' = 3 is not allowed: mesh.fsdp x "
+                                        "mesh.tensor = 1 x 3 = 3 must divide the 1 device(s) of this run"),
+    ([*DISTILL_ONLY, "--config.teacher.name_or_path=runs/a/student_hf"], SMOKE,
+     "error: teacher.name_or_path: directory 'runs/a/student_hf' does not exist (a local path: hub ids are 'name' or "
+     "'owner/name')"),
 ])
 def test_bad_runs_end_with_one_line(env, tmp_path, args, config, message):
   result = _run(env, tmp_path / "w", *args, config=config, timeout=120)
@@ -281,3 +267,13 @@ def test_run_block_describes_the_data(smoke_run):
   line = next(l for l in result.stdout.splitlines() if l.startswith("  data    : "))
   assert line.startswith("  data    : builtin:stdlib_docs: 300 documents; train ")
   assert "x 32 tokens" in line and "batches of 4 per epoch" in line and "eval " in line
+
+
+def test_the_drill_poisons_one_in_n_micro_batches_of_any_prefix():
+  from jaxdistill.schema import DebugSpec
+  from jaxdistill.trainer import _drill
+
+  debug = DebugSpec(inject_nonfinite="kd", inject_every=200)  # a 0.5% rate
+  poisoned = [m for m in range(1000) if np.isnan(_drill({}, m, debug)["inject_nonfinite"]).any()]
+  assert poisoned == [199, 399, 599, 799, 999]  # 0 of the first 199, so never more than 0.5% of those seen
+  assert COMPONENTS[int(np.flatnonzero(np.isnan(_drill({}, 199, debug)["inject_nonfinite"]))[0])] == "kd"

@@ -14,17 +14,28 @@
   * anything else: a Hugging Face hub dataset id, loaded with `datasets.load_dataset(source, subset,
     split=split)` and column `data.text_field`.
 Whitespace-only documents are dropped. The order is deterministic, so `max_documents` keeps a fixed prefix.
+
+Local `.txt`, `.jsonl` and `.json` files are read as bytes and decoded with `data.encoding` by one helper,
+`_decode`. A NUL byte marks a binary file (refused). With `data.encoding_errors='strict'` the first undecodable
+byte stops the run, naming the file, line, offset and byte; with 'replace' it becomes U+FFFD and is counted
+(`DecodeStats`). Parquet and hub datasets are decoded by their own libraries.
 """
 
 import ast
+import codecs
+import dataclasses
+import functools
 import json
+import logging
 import os
 import re
 import sys
 import sysconfig
+import threading
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from jaxdistill.errors import ConfigError, JaxDistillError
+from jaxdistill.paths import looks_like_local_path
 
 if TYPE_CHECKING:
   from jaxdistill.data.pipeline import DataConfig
@@ -38,29 +49,63 @@ _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests"
                                "turtledemo", "ensurepip", "__pycache__"})
 SOURCES_ALLOWED = (f"{STDLIB_DOCS}, a {', '.join(LOCAL_EXTENSIONS)} file or a directory of them, "
                     "or a Hugging Face dataset id")
+ENCODING_ERRORS = ("strict", "replace")
+_ENCODING_FIX = "set data.encoding to the file's encoding (e.g. 'latin-1') or data.encoding_errors='replace'"
 
 
 class DataError(JaxDistillError):
   """The training data could not be read, or there is too little of it."""
 
 
-def load_documents(cfg: "DataConfig") -> list[str]:
-  """The documents of `cfg.source`, in a deterministic order, the first `cfg.max_documents` if > 0."""
+@dataclasses.dataclass
+class DecodeStats:
+  """Undecodable byte sequences replaced by U+FFFD (data.encoding_errors='replace') and the files holding them."""
+  replaced: int = 0
+  files: list[str] = dataclasses.field(default_factory=list)
+
+  def add(self, path: str, replaced: int) -> None:
+    """Counts `replaced` sequences of file `path`."""
+    if replaced:
+      self.replaced += replaced
+      if path not in self.files:
+        self.files.append(path)
+
+  def describe(self) -> str:
+    """'3 undecodable byte sequences in 1 file replaced by U+FFFD (...)', or '' when none were."""
+    if not self.replaced:
+      return ""
+    return (f"{_plural(self.replaced, 'undecodable byte sequence')} in {_plural(len(self.files), 'file')} "
+            "replaced by U+FFFD (data.encoding_errors='replace')")
+
+
+def read_documents(cfg: "DataConfig") -> tuple[list[str], DecodeStats]:
+  """The documents of `cfg.source`, in a deterministic order, the first `cfg.max_documents` if > 0, and what
+  decoding them replaced (logged as a warning too)."""
   limit = cfg.max_documents if cfg.max_documents > 0 else None
   source = cfg.source
+  stats = DecodeStats()
   if source.startswith("builtin:"):
     if source not in _BUILTIN:
       raise ConfigError("data.source", source, f"a built-in corpus ({', '.join(_BUILTIN)}) or {SOURCES_ALLOWED}")
     documents = _take(_BUILTIN[source](), limit)
   elif os.path.exists(os.path.expanduser(source)):
-    documents = _take(_local_documents(os.path.expanduser(source), cfg.text_field), limit)
+    documents = _take(_local_documents(os.path.expanduser(source), cfg, stats), limit)
   elif _looks_like_path(source):
     raise DataError(f"data.source: no such file or directory '{source}'")
   else:
     documents = _hub_documents(cfg, limit)
+  if stats.replaced:
+    shown = ", ".join(stats.files[:3]) + (f" and {len(stats.files) - 3} more" if len(stats.files) > 3 else "")
+    logging.getLogger(__name__).warning("data.source: %s: %s; set data.encoding to their encoding to read them "
+                                        "exactly", stats.describe(), shown)
   if not documents:
     raise DataError(f"data.source: '{source}' holds no documents (every text is empty or whitespace)")
-  return documents
+  return documents, stats
+
+
+def load_documents(cfg: "DataConfig") -> list[str]:
+  """The documents of `read_documents`, without the count of replaced bytes (a replacement is still logged)."""
+  return read_documents(cfg)[0]
 
 
 def source_fingerprint(source: str) -> str:
@@ -88,9 +133,13 @@ def _take(documents: Iterator[str], limit: int | None) -> list[str]:
   return out
 
 
+def _plural(count: int, noun: str) -> str:
+  return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def _looks_like_path(source: str) -> bool:
-  """A missing local path, as opposed to a hub id ('name' or 'owner/name')."""
-  return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.lower().endswith(_FILE_SUFFIXES)
+  """A missing local path, as opposed to a hub dataset id: a path by its form, or a name ending like a file."""
+  return looks_like_local_path(source) or source.lower().endswith(_FILE_SUFFIXES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +192,7 @@ def _local_files(directory: str) -> list[str]:
   return files
 
 
-def _local_documents(path: str, text_field: str) -> Iterator[str]:
+def _local_documents(path: str, cfg: "DataConfig", stats: DecodeStats) -> Iterator[str]:
   if os.path.isdir(path):
     files = _local_files(path)
     if not files:
@@ -156,47 +205,46 @@ def _local_documents(path: str, text_field: str) -> Iterator[str]:
   readers = {".txt": _txt_documents, ".jsonl": _json_documents, ".json": _json_documents,
              ".parquet": _parquet_documents}
   for file in files:
-    yield from readers[os.path.splitext(file)[1].lower()](file, text_field)
+    yield from readers[os.path.splitext(file)[1].lower()](file, cfg, stats)
 
 
-def _txt_documents(path: str, text_field: str) -> Iterator[str]:
-  """Paragraphs separated by blank lines; indentation is kept. Plain text has no fields (`text_field` unused)."""
-  with open(path, encoding="utf-8", errors="replace") as f:
-    text = f.read()
+def _txt_documents(path: str, cfg: "DataConfig", stats: DecodeStats) -> Iterator[str]:
+  """Paragraphs separated by blank lines; indentation is kept. Plain text has no fields (`data.text_field` unused)."""
+  text = _read_text(path, cfg, stats).replace("\r\n", "\n").replace("\r", "\n")  # as open() in text mode
   for paragraph in re.split(r"\n\s*\n", text):
     yield paragraph.lstrip("\n").rstrip()
 
 
-def _json_records(path: str) -> Iterator[tuple[int, object]]:
+def _json_records(path: str, cfg: "DataConfig", stats: DecodeStats) -> Iterator[tuple[int, object]]:
   """(line or index, record) of a JSON Lines file, or of a `.json` file holding a list."""
-  with open(path, encoding="utf-8") as f:
-    if path.lower().endswith(".json"):
-      text = f.read()
+  if path.lower().endswith(".json"):
+    text = _read_text(path, cfg, stats)
+    try:
+      data = json.loads(text)
+    except json.JSONDecodeError as e:
+      if "Extra data" not in str(e):  # anything but JSON Lines stored as .json
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+      data = None
+    if data is not None:
+      if not isinstance(data, list):
+        raise DataError(f"{path}: a .json file must hold a list of objects or one object per line, "
+                        f"not a {type(data).__name__}")
+      yield from enumerate(data, start=1)
+      return
+    lines = enumerate(text.split("\n"), start=1)
+  else:
+    lines = _numbered_lines(path, cfg, stats)
+  for number, line in lines:
+    if line.strip():
       try:
-        data = json.loads(text)
+        yield number, json.loads(line)
       except json.JSONDecodeError as e:
-        if "Extra data" not in str(e):  # anything but JSON Lines stored as .json
-          raise DataError(f"{path}: not valid JSON ({e})") from None
-        data = None
-      if data is not None:
-        if not isinstance(data, list):
-          raise DataError(f"{path}: a .json file must hold a list of objects or one object per line, "
-                          f"not a {type(data).__name__}")
-        yield from enumerate(data, start=1)
-        return
-      lines = text.splitlines()
-    else:
-      lines = f
-    for number, line in enumerate(lines, start=1):
-      if line.strip():
-        try:
-          yield number, json.loads(line)
-        except json.JSONDecodeError as e:
-          raise DataError(f"{path}:{number}: not valid JSON ({e})") from None
+        raise DataError(f"{path}:{number}: not valid JSON ({e})") from None
 
 
-def _json_documents(path: str, text_field: str) -> Iterator[str]:
-  for number, record in _json_records(path):
+def _json_documents(path: str, cfg: "DataConfig", stats: DecodeStats) -> Iterator[str]:
+  text_field = cfg.text_field
+  for number, record in _json_records(path, cfg, stats):
     if not isinstance(record, dict):
       raise DataError(f"{path}:{number}: expected a JSON object with field '{text_field}', "
                       f"got a {type(record).__name__}")
@@ -206,9 +254,11 @@ def _json_documents(path: str, text_field: str) -> Iterator[str]:
     yield _text(record[text_field], f"{path}:{number}: field '{text_field}'")
 
 
-def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
+def _parquet_documents(path: str, cfg: "DataConfig", stats: DecodeStats) -> Iterator[str]:
+  """The strings of column `data.text_field`; pyarrow decodes them (`stats` unused)."""
   import pyarrow.parquet as pq  # installed with `datasets`
 
+  text_field = cfg.text_field
   try:
     parquet = pq.ParquetFile(path)
   except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a file that is not parquet
@@ -229,6 +279,88 @@ def _text(value, where: str) -> str:
   if not isinstance(value, str):
     raise DataError(f"{where} holds a {type(value).__name__}, not a string")
   return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding local text files.
+
+def is_text_encoding(name: str) -> bool:
+  """Whether Python has a text codec called `name` ('base64' and 'rot13' are codecs, not text encodings)."""
+  try:
+    codecs.lookup(name)
+    "\n".encode(name)
+  except (LookupError, ValueError):  # ValueError: an embedded NUL; UnicodeError: the 'undefined' codec
+    return False
+  return True
+
+
+@functools.lru_cache(maxsize=None)
+def _ascii_compatible(encoding: str) -> bool:
+  """Whether every ASCII byte decodes to itself: then a NUL byte is binary and b'\\n' always ends a line."""
+  ascii_bytes = bytes(range(128))
+  try:
+    return ascii_bytes.decode(encoding) == ascii_bytes.decode("ascii")
+  except UnicodeDecodeError:  # UTF-16, UTF-32, UTF-7, ...
+    return False
+
+
+def _read_text(path: str, cfg: "DataConfig", stats: DecodeStats) -> str:
+  """The whole of file `path`, decoded."""
+  with open(path, "rb") as f:
+    return _decode(f.read(), path, cfg, stats)
+
+
+def _numbered_lines(path: str, cfg: "DataConfig", stats: DecodeStats) -> Iterator[tuple[int, str]]:
+  """(number from 1, text) of each line of `path`, read and decoded line by line where the encoding allows."""
+  with open(path, "rb") as f:
+    if not _ascii_compatible(cfg.encoding):  # UTF-16/32: a line end is several bytes; decode the whole file
+      yield from enumerate(_decode(f.read(), path, cfg, stats).split("\n"), start=1)
+      return
+    offset = 0
+    for number, raw in enumerate(f, start=1):
+      yield number, _decode(raw, path, cfg, stats, number, offset)
+      offset += len(raw)
+
+
+_replacements = threading.local()  # the count of the decode running on this thread
+
+
+def _replace_and_count(error: UnicodeDecodeError) -> tuple[str, int]:
+  """Python's 'replace' error handler (one U+FFFD per undecodable sequence), counting the sequences."""
+  _replacements.count += 1
+  return "\ufffd", error.end
+
+
+codecs.register_error("jaxdistill.replace_and_count", _replace_and_count)
+
+
+def _decode(raw: bytes, path: str, cfg: "DataConfig", stats: DecodeStats, line: int = 1, offset: int = 0) -> str:
+  """`raw`, the bytes of file `path` from line `line` and byte `offset` on, decoded with `data.encoding`.
+
+  A NUL byte (in an ASCII-compatible encoding) is a binary file: DataError. An undecodable byte is a DataError
+  under `data.encoding_errors='strict'`, else a U+FFFD counted in `stats`.
+  """
+  if _ascii_compatible(cfg.encoding) and (nul := raw.find(b"\0")) >= 0:
+    raise DataError(f"{path}: a NUL byte at offset {offset + nul}: looks like a binary file; data.source takes "
+                    "text files (for UTF-16 or UTF-32 text set data.encoding)")
+  if cfg.encoding_errors == "replace":
+    _replacements.count = 0
+    text = raw.decode(cfg.encoding, "jaxdistill.replace_and_count")
+    stats.add(path, _replacements.count)
+    return text
+  try:
+    return raw.decode(cfg.encoding)
+  except UnicodeDecodeError as e:
+    raise DataError(_undecodable(e, raw, path, cfg.encoding, line, offset)) from None
+
+
+def _undecodable(error: UnicodeDecodeError, raw: bytes, path: str, encoding: str, line: int, offset: int) -> str:
+  """The one-line message for the undecodable bytes `raw[error.start:error.end]`."""
+  line += raw[:error.start].decode(encoding, "replace").count("\n")
+  bad = raw[error.start:error.end]
+  shown = " ".join(f"0x{b:02x}" for b in bad[:8]) + (" ..." if len(bad) > 8 else "")
+  return (f"{path}:{line}: {'byte' if len(bad) == 1 else 'bytes'} {shown} at offset {offset + error.start} "
+          f"cannot be decoded as {encoding} ({error.reason}); {_ENCODING_FIX}")
 
 
 # ---------------------------------------------------------------------------------------------

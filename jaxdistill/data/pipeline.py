@@ -18,9 +18,11 @@ train too. Each row also lists its aligned pairs: positions of the two sequences
 have consumed exactly the same text.
 
 With a `cache_dir`, the packed arrays are saved as `.npy` files under a key that hashes everything they
-depend on (source and its files' sizes and times, split settings, seq_len, seed, tokenizers), and reused.
+depend on (source and its files' sizes and times, encoding, split settings, seq_len, seed, tokenizers), and
+reused; meta.json keeps the count of undecodable bytes replaced by U+FFFD, so a cached run reports it too.
 """
 
+import codecs
 import dataclasses
 import hashlib
 import json
@@ -38,7 +40,7 @@ from jaxdistill.data import alignment, corpus
 from jaxdistill.data.corpus import DataError
 from jaxdistill.errors import ConfigError
 
-_CACHE_FORMAT = 2                # bump when the packing or the cache layout changes
+_CACHE_FORMAT = 3                # bump when the packing or the cache layout changes
 _TOKENIZE_CHUNK = 1000           # documents per tokenizer call (batched calls run in Rust, in parallel)
 _PROGRESS_MIN_DOCUMENTS = 1000   # fewer documents tokenize in well under a second: no progress bar
 
@@ -56,13 +58,21 @@ class DataConfig:
   eval_fraction: float = 0.05       # share of documents held out for eval (at least one document)
   max_eval_batches: int = 0         # eval batches per evaluation; 0: all
   max_documents: int = 0            # keep the first N documents of the source; 0: all
+  encoding: str = "utf-8"           # text encoding of local .txt/.jsonl/.json files (any Python codec, e.g. latin-1)
+  encoding_errors: str = "strict"   # strict: an undecodable byte stops the run | replace: U+FFFD, counted
 
   def __post_init__(self):
-    for field in ("source", "subset", "split", "text_field"):
+    for field in ("source", "subset", "split", "text_field", "encoding", "encoding_errors"):
       if not isinstance(getattr(self, field), str):
         raise ConfigError(f"data.{field}", getattr(self, field), "a string")
     if not self.source:
       raise ConfigError("data.source", self.source, corpus.SOURCES_ALLOWED)
+    if not corpus.is_text_encoding(self.encoding):
+      raise ConfigError("data.encoding", self.encoding, "a text encoding Python knows, e.g. 'utf-8', 'latin-1', "
+                        "'cp1252', 'utf-16'")
+    if self.encoding_errors not in corpus.ENCODING_ERRORS:
+      raise ConfigError("data.encoding_errors", self.encoding_errors,
+                        "strict (an undecodable byte stops the run) or replace (it becomes U+FFFD, counted)")
     for field, minimum in (("seq_len", 2), ("batch_size", 1), ("max_eval_batches", 0), ("max_documents", 0)):
       value = getattr(self, field)
       if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -150,6 +160,7 @@ class _Packed(NamedTuple):
   train: dict[str, np.ndarray]  # batch key -> int32 rows; without a teacher tokenizer only the ids
   eval: dict[str, np.ndarray]   # batch key -> int32 rows; at least the student's ids and mask
   num_documents: int
+  decoding: corpus.DecodeStats  # undecodable byte sequences replaced while reading the documents
 
 
 class DataPipeline:
@@ -172,6 +183,9 @@ class DataPipeline:
       teacher_eos_id = _eos_id(teacher_tokenizer, "the teacher's tokenizer")
       teacher = _Teacher(teacher_tokenizer, teacher_eos_id, _pad_id(teacher_tokenizer, teacher_eos_id))
     self.aligned = teacher is not None
+    # What identifies the data beyond its config: the files behind the source and the tokenizers.
+    self.identity = {"content": corpus.source_fingerprint(cfg.source), "tokenizer": _definition_sha256(tokenizer),
+                     "teacher_tokenizer": _definition_sha256(teacher.tokenizer) if teacher else ""}
     files = _cache_files(self.aligned)
     packed = None
     if cache_dir:
@@ -184,6 +198,7 @@ class DataPipeline:
         _write_cache(directory, key, files, packed)
     self._train = {key: _read_only(rows) for key, rows in packed.train.items()}
     self.num_documents = packed.num_documents
+    self.decoding = packed.decoding
     if self.batches_per_epoch < 1:
       raise DataError(f"the train split packs into {self.num_train_sequences} sequence(s) of data.seq_len="
                       f"{cfg.seq_len} tokens, fewer than one batch (data.batch_size={cfg.batch_size}); "
@@ -284,6 +299,8 @@ class DataPipeline:
       line += (f"; teacher tokenizer: {cfg.teacher_len} tokens per sequence, "
                f"{self.teacher_tokens_per_student_token:.3f} per student token, "
                f"{self.alignment_rate:.1%} of student tokens aligned")
+    if self.decoding.replaced:
+      line += f"; {self.decoding.describe()}"
     return line
 
 
@@ -315,7 +332,7 @@ def _pad_id(tokenizer, eos_id: int) -> int:
 
 
 def _build(cfg: DataConfig, tokenizer, seed: int, eos_id: int, pad_id: int, teacher: _Teacher | None) -> _Packed:
-  documents = corpus.load_documents(cfg)
+  documents, decoding = corpus.read_documents(cfg)
   train_docs, eval_docs = split_documents(len(documents), cfg.eval_fraction, seed)
   splits = {"train": [documents[i] for i in train_docs], "eval": [documents[i] for i in eval_docs]}
   if teacher is None:
@@ -324,7 +341,8 @@ def _build(cfg: DataConfig, tokenizer, seed: int, eos_id: int, pad_id: int, teac
     train_ids_NxL, _ = pack_sequences(train_T, cfg.seq_len, pad_id, keep_remainder=False)
     eval_ids_MxL, eval_mask_MxL = pack_sequences(eval_T, cfg.seq_len, pad_id, keep_remainder=True)
     return _Packed({"student_input_ids": train_ids_NxL},
-                   {"student_input_ids": eval_ids_MxL, "student_attention_mask": eval_mask_MxL}, len(documents))
+                   {"student_input_ids": eval_ids_MxL, "student_attention_mask": eval_mask_MxL}, len(documents),
+                   decoding)
   # One definition check, not one per split: the same object is recognised at once.
   teacher_tokenizer = tokenizer if alignment.same_tokenizer(tokenizer, teacher.tokenizer) else teacher.tokenizer
   packed = {}
@@ -332,7 +350,7 @@ def _build(cfg: DataConfig, tokenizer, seed: int, eos_id: int, pad_id: int, teac
     tokens = tokenize_aligned(texts, tokenizer, teacher_tokenizer, eos_id, teacher.eos_id, f"tokenizing {split}")
     packed[split] = alignment.pack_aligned(tokens, cfg.seq_len, cfg.teacher_len, pad_id, teacher.pad_id,
                                            keep_remainder=split == "eval")
-  return _Packed(packed["train"], packed["eval"], len(documents))
+  return _Packed(packed["train"], packed["eval"], len(documents), decoding)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,6 +376,7 @@ def _cache_key(cfg: DataConfig, tokenizer, seed: int, eos_id: int, pad_id: int, 
   key = {
       "format": _CACHE_FORMAT, "source": cfg.source, "content": corpus.source_fingerprint(cfg.source),
       "subset": cfg.subset, "split": cfg.split, "text_field": cfg.text_field,
+      "encoding": codecs.lookup(cfg.encoding).name, "encoding_errors": cfg.encoding_errors,
       "max_documents": cfg.max_documents, "seq_len": cfg.seq_len, "eval_fraction": cfg.eval_fraction,
       "seed": seed, "tokenizer": type(tokenizer).__name__, "eos_id": eos_id, "pad_id": pad_id,
       "tokenizer_sha256": _definition_sha256(tokenizer),
@@ -388,7 +407,8 @@ def _read_cache(directory: str, key: str, files: dict[str, tuple[str, str]], cfg
       splits[split][batch_key] = array
     if any(len({len(a) for a in arrays.values()}) != 1 for arrays in splits.values()):
       raise ValueError("arrays of one split differ in their number of rows")
-    return _Packed(splits["train"], splits["eval"], num_documents=int(meta["num_documents"]))
+    decoding = corpus.DecodeStats(int(meta["decoding"]["replaced"]), [str(f) for f in meta["decoding"]["files"]])
+    return _Packed(splits["train"], splits["eval"], int(meta["num_documents"]), decoding)
   except (OSError, ValueError, EOFError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
     logging.getLogger(__name__).warning("data cache %s is unusable (%s: %s); rebuilding it",
                                         directory, type(e).__name__, e)
@@ -407,7 +427,7 @@ def _write_cache(directory: str, key: str, files: dict[str, tuple[str, str]], pa
     for name, (split, batch_key) in files.items():
       array = getattr(packed, split)[batch_key]
       save(f"{name}.npy", lambda f, a=array: np.save(f, a, allow_pickle=False))
-    meta = {"key": key, "num_documents": packed.num_documents}
+    meta = {"key": key, "num_documents": packed.num_documents, "decoding": dataclasses.asdict(packed.decoding)}
     save("meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
   except OSError as e:  # a read-only or full disk costs a rebuild next time, not the run
     logging.getLogger(__name__).warning("could not write data cache %s (%s)", directory, e)

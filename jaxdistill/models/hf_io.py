@@ -1,8 +1,8 @@
 """Loading Hugging Face checkpoints into Flax params, and exporting Flax params as one.
 
 A checkpoint is a directory with `config.json` and safetensors weights (`model.safetensors`, or
-shards listed by `model.safetensors.index.json`). A name that is not a local directory is a hub id,
-fetched through the Hugging Face cache.
+shards listed by `model.safetensors.index.json`). A name that is not a local directory is a hub id
+('name' or 'owner/name'), fetched through the Hugging Face cache; any other name is a missing local path.
 """
 
 import dataclasses
@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 from jaxdistill.errors import ModelLoadError
 from jaxdistill.models import config as config_lib
 from jaxdistill.models import transformer, weights
+from jaxdistill.paths import looks_like_local_path
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -36,10 +37,14 @@ class Pretrained:
 
 def resolve(name_or_path: str, revision: str = "main") -> str:
   """A local directory for `name_or_path`: the directory itself, or the hub snapshot in the HF cache."""
-  if os.path.isdir(name_or_path):
-    return name_or_path
-  if name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path:
-    raise ModelLoadError(f"'{name_or_path}' is not a directory")
+  path = os.path.expanduser(name_or_path)
+  if os.path.isdir(path):
+    return path
+  if os.path.exists(path):
+    raise ModelLoadError(f"'{name_or_path}' is a file, not a directory")
+  if looks_like_local_path(name_or_path):
+    raise ModelLoadError(f"directory '{name_or_path}' does not exist (a local path: hub ids are 'name' or "
+                         f"'owner/name')")
   from huggingface_hub import snapshot_download  # a transformers dependency
   try:
     return snapshot_download(repo_id=name_or_path, revision=revision, allow_patterns=_HUB_PATTERNS)
@@ -121,9 +126,13 @@ def save_pretrained(params, cfg: config_lib.ModelConfig, out_dir: str, *, hf_con
   if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
     raise ModelLoadError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has only "
                          f"{cfg.vocab_size}: they do not belong together")
+  params = jax.device_get(params)
+  if not all(np.isfinite(x).all() for x in jax.tree.leaves(params)):
+    raise ModelLoadError(f"not exporting to {out_dir}: the weights hold non-finite values (a diverged run); "
+                         "nothing was written")
   os.makedirs(out_dir, exist_ok=True)
   np_dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}[dtype]
-  state = weights.flax_to_hf(jax.device_get(params), cfg, dtype=np_dtype)
+  state = weights.flax_to_hf(params, cfg, dtype=np_dtype)
   save_file(state, os.path.join(out_dir, WEIGHTS_NAME), metadata={"format": "pt"})
   base = dict(hf_config or {})
   if tokenizer is not None:

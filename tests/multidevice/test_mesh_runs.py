@@ -38,6 +38,7 @@ RUN = {
     "data.batch_size": 8,
     "data.max_eval_batches": 1,
     "train.max_steps": 4,
+    "optim.warmup_steps": 2,              # within the 4 steps
     "train.eval_every_steps": 2,
     "checkpoint.every_steps": 2,
     "checkpoint.keep": 3,
