@@ -84,10 +84,11 @@ def arch_group(family: str = "llama", vocab_size: int = 0, hidden_size: int = 64
                num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
                max_position_embeddings: int = 512, tie_word_embeddings: bool = True, num_experts: int = 0,
                num_experts_per_tok: int = 2, moe_intermediate_size: int = 0, norm_topk_prob: bool = True,
-               decoder_sparse_step: int = 1) -> ml_collections.ConfigDict:
+               decoder_sparse_step: int = 1, sliding_window: int = 0) -> ml_collections.ConfigDict:
   """Architecture of a randomly initialised model (used when `name_or_path` is empty)."""
   return ml_collections.ConfigDict({
-      "family": family,                        # llama | qwen2 | qwen3 | gpt2 (dense) | qwen3_moe | mixtral (MoE)
+      "family": family,                        # llama | qwen2 | qwen3 | mistral | phi3 | gpt2 (dense) | qwen3_moe |
+                                               # mixtral (MoE)
       "vocab_size": vocab_size,                # 0: the tokenizer's vocabulary size
       "hidden_size": hidden_size,
       "num_layers": num_layers,
@@ -102,6 +103,8 @@ def arch_group(family: str = "llama", vocab_size: int = 0, hidden_size: int = 64
       "moe_intermediate_size": moe_intermediate_size,  # width of each expert; 0: intermediate_size (always, mixtral)
       "norm_topk_prob": norm_topk_prob,        # renormalise the top-k router weights to sum to 1 (always, mixtral)
       "decoder_sparse_step": decoder_sparse_step,      # block i is sparse when (i + 1) % step == 0 (1, mixtral)
+      "sliding_window": sliding_window,        # mistral, mixtral, phi3: each query sees itself and the N - 1 keys
+                                               # before it; 0: full causal attention
   })
 
 

@@ -17,7 +17,7 @@ from jaxdistill.data.pipeline import DataConfig
 from jaxdistill.errors import ConfigError
 from jaxdistill.losses import HIDDEN_DISTANCES, KD_MODES, TOPK_TAILS
 from jaxdistill.models.config import (ATTENTION_IMPLEMENTATIONS, DTYPES, MOE_FAMILIES, REMAT_POLICIES, SUPPORTED_FAMILIES,
-                                      ModelConfig, RopeConfig)
+                                      WINDOWED_FAMILIES, ModelConfig, RopeConfig)
 from jaxdistill.monitor import MonitorConfig
 from jaxdistill.offline_teacher import OfflineTeacherSpec
 from jaxdistill.offline_teacher import check as check_offline
@@ -49,6 +49,7 @@ class ArchSpec:
   moe_intermediate_size: int = 0     # 0: intermediate_size
   norm_topk_prob: bool = True
   decoder_sparse_step: int = 1
+  sliding_window: int = 0            # WINDOWED_FAMILIES only; 0: full causal attention
 
   def model_config(self, vocab_size: int, param_dtype: str, dtype: str) -> ModelConfig:
     """The architecture with the family's transformers defaults for everything not sized here."""
@@ -62,13 +63,15 @@ class ArchSpec:
           o_bias=True, mlp_bias=True, tie_word_embeddings=self.tie_word_embeddings,
           param_dtype=param_dtype, dtype=dtype)
     mixtral = self.family == "mixtral"  # transformers' MixtralConfig: rms_norm_eps 1e-5, rope_theta 1e6
+    eps = 1e-5 if self.family in ("mixtral", "phi3") else 1e-6  # and Phi3Config's rms_norm_eps
     return ModelConfig(
         family=self.family, vocab_size=vocab, hidden_size=self.hidden_size, num_layers=self.num_layers,
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.hidden_size // self.num_heads,
         intermediate_size=self.intermediate_size, max_position_embeddings=self.max_position_embeddings,
-        norm="rms", norm_eps=1e-5 if mixtral else 1e-6, activation="silu", gated_mlp=True,
+        norm="rms", norm_eps=eps, activation="silu", gated_mlp=True,
         rope=RopeConfig(theta=1e6 if mixtral else 10000.0), qkv_bias=self.family == "qwen2",
         qk_norm=self.family in ("qwen3", "qwen3_moe"), tie_word_embeddings=self.tie_word_embeddings,
+        sliding_window=self.sliding_window,
         param_dtype=param_dtype, dtype=dtype, **self._expert_fields())
 
   def _expert_fields(self) -> dict:
@@ -229,7 +232,10 @@ def _arch(node, where: str) -> ArchSpec:
       num_experts_per_tok=_positive_int(node, "num_experts_per_tok", where),
       moe_intermediate_size=_positive_int(node, "moe_intermediate_size", where, minimum=0),
       norm_topk_prob=bool(_get(node, "norm_topk_prob", where)),
-      decoder_sparse_step=_positive_int(node, "decoder_sparse_step", where))
+      decoder_sparse_step=_positive_int(node, "decoder_sparse_step", where),
+      sliding_window=_positive_int(node, "sliding_window", where, minimum=0))
+  _check(spec.sliding_window == 0 or family in WINDOWED_FAMILIES, where, "sliding_window", spec.sliding_window,
+         f"0 for family {family} (sliding windows: {', '.join(WINDOWED_FAMILIES)})")
   if spec.hidden_size % spec.num_heads:
     raise ConfigError(f"{where}.num_heads", spec.num_heads, f"a divisor of hidden_size={spec.hidden_size}")
   if family != "gpt2" and spec.num_heads % spec.num_kv_heads:

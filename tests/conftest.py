@@ -45,6 +45,15 @@ FAMILY_CONFIGS = {
     "qwen3": ("Qwen3Config", dict(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
+    # A window of 3 keys: the 9-token test rows (padded_batch) see it slide.
+    "mistral_window": ("MistralConfig", dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=3, tie_word_embeddings=False)),
+    # Fused qkv (uneven under GQA) and gate/up weights, a window of 4.
+    "phi3_gqa_window": ("Phi3Config", dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=4, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "gpt2": ("GPT2Config", dict(
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
         eos_token_id=0)),

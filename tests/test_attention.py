@@ -17,25 +17,29 @@ def _qkv(seed=0):
           rng.normal(size=(B, L, G, K)).astype(np.float32))
 
 
-def _reference(q, k, v, mask_BxL, scale):
-  """float64: softmax over keys j <= i with mask 1 (and i itself); query head h reads key head h // 2."""
+def _reference(q, k, v, mask_BxL, scale, window=0):
+  """float64: softmax over keys j <= i with mask 1 and, with a window W, i - j < W (and i itself); query head
+  h reads key head h // 2."""
   q, k, v = (x.astype(np.float64) for x in (q, k, v))
   out = np.zeros((B, L, N, K))
   for b in range(B):
     for h in range(N):
       scores = q[b, :, h] @ k[b, :, h // (N // G)].T * scale
-      allowed = (np.tril(np.ones((L, L), bool)) & mask_BxL[b].astype(bool)[None]) | np.eye(L, dtype=bool)
+      causal = np.tril(np.ones((L, L), bool)) & ~np.tril(np.ones((L, L), bool), -window) if window else \
+          np.tril(np.ones((L, L), bool))
+      allowed = (causal & mask_BxL[b].astype(bool)[None]) | np.eye(L, dtype=bool)
       scores = np.where(allowed, scores, -np.inf)
       probs = np.exp(scores - scores.max(-1, keepdims=True))
       out[b, :, h] = (probs / probs.sum(-1, keepdims=True)) @ v[b, :, h // (N // G)]
   return out
 
 
+@pytest.mark.parametrize("window", [0, 3])   # 3: each query sees itself and the 2 keys before it
 @pytest.mark.parametrize("side", ["left", "right", "none"])
-def test_every_implementation_matches_float64_on_real_tokens(side):
+def test_every_implementation_matches_float64_on_real_tokens(side, window):
   q, k, v = _qkv()
   _, mask_BxL = padded_batch(side)
-  expected = _reference(q, k, v, mask_BxL, K ** -0.5 / 3)
+  expected = _reference(q, k, v, mask_BxL, K ** -0.5 / 3, window)
   real = mask_BxL.astype(bool)
   cases = [("blockwise", block, False) for block in (2, 4, 9, 512)] + [("xla", 0, False)]
   if side != "left":  # the promise right_padded makes: padding only at the end
@@ -43,9 +47,9 @@ def test_every_implementation_matches_float64_on_real_tokens(side):
   for implementation, block, right_padded in cases:
     out = jax.jit(lambda q, k, v, m, factor: attention.attend(
         q, k, v, m, head_scale=K ** -0.5, layer_factor=factor, implementation=implementation, block=block,
-        right_padded=right_padded))(q, k, v, mask_BxL, jnp.float32(1 / 3))   # a traced factor (GPT-2, scanned)
+        right_padded=right_padded, window=window))(q, k, v, mask_BxL, jnp.float32(1 / 3))  # a traced factor
     err = np.abs(np.asarray(out) - expected)[real].max()
-    assert err < 1e-5, (implementation, block, right_padded, err)
+    assert err < 1e-5, (implementation, block, right_padded, window, err)
     assert np.isfinite(np.asarray(out)).all()   # padded rows too: they feed nothing, but must not be NaN
 
 
@@ -109,3 +113,14 @@ def test_blockwise_keeps_no_whole_map_for_the_backward_pass():
   assert materialised >= 2 * one_map                       # measured: 97 MiB, three maps
   assert block_64 < one_map / 3, (block_64, one_map)      # measured: 9.5 MiB
   assert 1.6 < block_128 / block_64 < 2.4                  # linear in the block, not in L x L
+
+
+def test_a_window_restricts_the_rows_of_the_map():
+  q, k, _ = _qkv(4)
+  _, mask_BxL = padded_batch("none")
+  qk = attention.QueriesKeys(jnp.asarray(q), jnp.asarray(k), jnp.float32(K ** -0.5), window=3)
+  maps_BxNxLxL = np.asarray(attention.full_maps(qk, jnp.asarray(mask_BxL)))
+  np.testing.assert_allclose(maps_BxNxLxL.sum(-1), 1.0, atol=1e-6)
+  seen = maps_BxNxLxL > 0
+  assert seen[:, :, 8].sum(-1).tolist() == [[3] * N] * B and seen[:, :, 8, 6:].all()   # keys 6, 7, 8 only
+  assert seen[:, :, 1].sum(-1).tolist() == [[2] * N] * B                               # keys 0, 1

@@ -121,7 +121,7 @@ def test_every_config_argument_parses_with_its_warmup_inside_its_steps(config):
     ("teacher.param_dtype", "int8", r"'teacher.param_dtype' = 'int8' .* one of float32, bfloat16, float16"),
     ("student.remat", "all", r"'student.remat' = 'all' .* one of none, full, dots, dots_no_batch"),
     ("student.arch.family", "mamba",
-     r"'student.arch.family' = 'mamba' .* one of llama, qwen2, qwen3, gpt2, qwen3_moe, mixtral$"),
+     r"'student.arch.family' = 'mamba' .* one of llama, qwen2, qwen3, gpt2, qwen3_moe, mixtral, mistral, phi3$"),
     ("student.arch.num_heads", 3, r"'student.arch.num_heads' = 3 .* a divisor of hidden_size=32"),
     ("student.arch.num_kv_heads", 3, r"'student.arch.num_kv_heads' = 3 .* a divisor of num_heads=4"),
     ("student.arch.num_layers", 0, r"'student.arch.num_layers' = 0 .* an integer >= 1"),
@@ -454,3 +454,15 @@ def test_check_positions_of_a_checkpoint():
     build.check_positions(short, 32, "data.seq_len", "the student checkpoint")
   assert str(error.value) == ("config field 'data.seq_len' = 32 is not allowed: an integer <= 16, the "
                               "max_position_embeddings of the student checkpoint (llama)")
+
+
+def test_a_random_mistral_has_a_sliding_window_and_other_families_refuse_one():
+  cfg = config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", {
+      "student.arch.family": "mistral", "student.arch.sliding_window": 8}))
+  model = cfg.student.arch.model_config(257, "float32", "float32")
+  assert (model.family, model.sliding_window, model.rope.theta) == ("mistral", 8, 10000.0)
+  assert models.to_hf_config(model)["sliding_window"] == 8
+  assert models.from_hf_config(models.to_hf_config(model)).sliding_window == 8
+  with pytest.raises(ConfigError, match=r"'student.arch.sliding_window' = 8 is not allowed: 0 for family llama "
+                                        r"\(sliding windows: mistral, mixtral, phi3\)"):
+    config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", {"student.arch.sliding_window": 8}))

@@ -301,12 +301,13 @@ def test_unsupported_qwen3_moe_options(changes, message):
     models.from_hf_config(_hf_config("qwen3_moe", **changes))
 
 
-def test_unsupported_mixtral_sliding_window(moe_checkpoints):
+def test_a_mixtral_sliding_window_is_read_and_written(moe_checkpoints):
   path = moe_checkpoints["mixtral"][0]
   with open(os.path.join(path, "config.json")) as f:
     hf = json.load(f)
-  with pytest.raises(ModelLoadError, match=r"sliding_window=4096 is not supported; only full attention"):
-    models.from_hf_config({**hf, "sliding_window": 4096})
+  assert models.from_hf_config(hf).sliding_window == 0  # null: full attention
+  windowed = models.from_hf_config({**hf, "sliding_window": 4096})
+  assert windowed.sliding_window == 4096 and models.to_hf_config(windowed)["sliding_window"] == 4096
 
 
 def test_checkpoint_missing_one_expert_names_it(moe_checkpoints, tmp_path):

@@ -13,8 +13,8 @@ Three implementations of softmax(q k^T * scale + causal/padding mask) v, picked 
   the whole [B, H, L, L] (forced only, for comparison).
 
 GQA is never expanded: queries are grouped [B, L, G, R, K] against the G key/value heads. The mask is
-causal by query and key index, restricted to keys with mask 1, and a query always sees itself (so no row
-is empty); with `right_padded` (every row's padding at its end, as the packed training data is) the
+causal by query and key index, restricted to keys with mask 1 and, with a sliding window of W (Mistral),
+to the W - 1 keys before the query; a query always sees itself (so no row is empty); with `right_padded` (every row's padding at its end, as the packed training data is) the
 causal mask alone is exact for every real token, and the fused kernel gets no mask tensor at all.
 
 `attention_probs` gives the float32 probability rows of any set of queries; the attention-transfer and
@@ -36,11 +36,13 @@ class QueriesKeys:
   """A layer's attention inputs after RoPE and q/k norms: enough to recompute any row of its map.
 
   q_BxLxNxK: queries (N heads); k_BxLxGxK: keys (G key/value heads); scale: the float32 scalar the
-  scores are multiplied by (head_dim ** -0.5, and 1 / (layer + 1) for GPT-2's inverse-layer option).
+  scores are multiplied by (head_dim ** -0.5, and 1 / (layer + 1) for GPT-2's inverse-layer option);
+  window: the layer's sliding window (0: none).
   """
   q_BxLxNxK: jax.Array
   k_BxLxGxK: jax.Array
   scale: jax.Array
+  window: int = flax.struct.field(pytree_node=False, default=0)
 
 
 def resolve_implementation(requested: str, dtype: str, head_dim: int) -> str:
@@ -55,16 +57,18 @@ def resolve_implementation(requested: str, dtype: str, head_dim: int) -> str:
   return "blockwise"
 
 
-def allowed_BxQxS(query_index_BxQ: jax.Array, key_mask_BxS: jax.Array) -> jax.Array:
-  """Which keys each query sees: earlier-or-same index and mask 1, and always itself."""
-  key_index_S = jnp.arange(key_mask_BxS.shape[1])
+def allowed_BxQxS(query_index_BxQ: jax.Array, key_mask_BxS: jax.Array, window: int = 0) -> jax.Array:
+  """Which keys each query sees: earlier-or-same index, mask 1, within `window` (> 0) indices; always itself."""
+  key_index_1x1xS = jnp.arange(key_mask_BxS.shape[1])[None, None, :]
   query_BxQx1 = query_index_BxQ[:, :, None]
-  causal = key_index_S[None, None, :] <= query_BxQx1
-  return (causal & key_mask_BxS.astype(bool)[:, None, :]) | (key_index_S[None, None, :] == query_BxQx1)
+  seen = (key_index_1x1xS <= query_BxQx1) & key_mask_BxS.astype(bool)[:, None, :]
+  if window:
+    seen &= query_BxQx1 - key_index_1x1xS < window
+  return seen | (key_index_1x1xS == query_BxQx1)
 
 
 def attention_probs(q_BxQxNxK: jax.Array, k_BxSxGxK: jax.Array, query_index_BxQ: jax.Array,
-                    key_mask_BxS: jax.Array, scale) -> jax.Array:
+                    key_mask_BxS: jax.Array, scale, window: int = 0) -> jax.Array:
   """Float32 attention probabilities [B, N, Q, S] of the queries at sequence indices `query_index_BxQ`.
 
   scores = (q k^T) * scale accumulated in float32; keys a query may not see get float32's lowest value;
@@ -74,7 +78,7 @@ def attention_probs(q_BxQxNxK: jax.Array, k_BxSxGxK: jax.Array, query_index_BxQ:
   kv_heads = k_BxSxGxK.shape[2]
   q_BxQxGxRxK = q_BxQxNxK.reshape(batch, queries, kv_heads, heads // kv_heads, head_dim)
   scores = jnp.einsum("bqgrk,bsgk->bgrqs", q_BxQxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32) * scale
-  allowed = allowed_BxQxS(query_index_BxQ, key_mask_BxS)
+  allowed = allowed_BxQxS(query_index_BxQ, key_mask_BxS, window)
   scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
   return jax.nn.softmax(scores, axis=-1).reshape(batch, heads, queries, -1)
 
@@ -107,12 +111,12 @@ def query_blocks(fn: Callable, arrays: tuple, block: int):
   return jax.tree.map(join, values)
 
 
-def _blockwise(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, key_mask_BxL, scale, block: int):
+def _blockwise(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, key_mask_BxL, scale, block: int, window: int):
   batch, length, heads, head_dim = q_BxLxNxK.shape
   kv_heads = k_BxLxGxK.shape[2]
 
   def rows(q_BxQxNxK, index_BxQ):
-    probs_BxGxRxQxL = attention_probs(q_BxQxNxK, k_BxLxGxK, index_BxQ, key_mask_BxL, scale).reshape(
+    probs_BxGxRxQxL = attention_probs(q_BxQxNxK, k_BxLxGxK, index_BxQ, key_mask_BxL, scale, window).reshape(
         batch, kv_heads, heads // kv_heads, q_BxQxNxK.shape[1], length)
     out = jnp.einsum("bgrqs,bsgk->bqgrk", probs_BxGxRxQxL.astype(v_BxLxGxK.dtype), v_BxLxGxK)
     return out.reshape(batch, -1, heads, head_dim)
@@ -122,7 +126,8 @@ def _blockwise(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, key_mask_BxL, scale, block: int)
 
 
 def attend(q_BxLxNxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, key_mask_BxL: jax.Array, *,
-           head_scale: float, layer_factor, implementation: str, block: int, right_padded: bool) -> jax.Array:
+           head_scale: float, layer_factor, implementation: str, block: int, right_padded: bool,
+           window: int = 0) -> jax.Array:
   """Attention output [B, L, N, K] in the inputs' dtype.
 
   Args:
@@ -133,10 +138,11 @@ def attend(q_BxLxNxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, key
     implementation: one of IMPLEMENTATIONS other than 'auto' (`resolve_implementation`).
     block: query rows per block of the blockwise implementation.
     right_padded: every row's padding is at its end (the fused kernels then take the causal mask alone).
+    window: > 0: each query sees itself and the window - 1 keys before it (sliding-window attention).
   """
   if implementation == "blockwise":
     scale = head_scale if layer_factor is None else head_scale * layer_factor
-    return _blockwise(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, key_mask_BxL, scale, block)
+    return _blockwise(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, key_mask_BxL, scale, block, window)
   if implementation not in ("cudnn", "xla"):
     raise ValueError(f"attention implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
   if layer_factor is not None:  # the fused kernels take a static scale: the traced factor goes into q
@@ -145,13 +151,15 @@ def attend(q_BxLxNxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, key
   if not right_padded:
     length = key_mask_BxL.shape[1]
     index_BxL = jnp.broadcast_to(jnp.arange(length), key_mask_BxL.shape)
-    mask = allowed_BxQxS(index_BxL, key_mask_BxL)[:, None]
+    mask = allowed_BxQxS(index_BxL, key_mask_BxL, window)[:, None]
+  local_window = (window - 1, 0) if window and right_padded else None  # a mask tensor holds the window already
   return jax.nn.dot_product_attention(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, mask=mask, scale=head_scale,
-                                      is_causal=right_padded, implementation=implementation)
+                                      is_causal=right_padded, local_window_size=local_window,
+                                      implementation=implementation)
 
 
 def full_maps(qk: QueriesKeys, key_mask_BxL: jax.Array) -> jax.Array:
   """The whole float32 map [B, N, L, L] of one layer (inspection and parity; losses use blocks)."""
   batch, length = key_mask_BxL.shape
   index_BxL = jnp.broadcast_to(jnp.arange(length), (batch, length))
-  return attention_probs(qk.q_BxLxNxK, qk.k_BxLxGxK, index_BxL, key_mask_BxL, qk.scale)
+  return attention_probs(qk.q_BxLxNxK, qk.k_BxLxGxK, index_BxL, key_mask_BxL, qk.scale, qk.window)

@@ -36,6 +36,7 @@ RUNTIME_FIELDS = ("remat", "attention", "attention_block", "scan_layers")
 ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 MOE_FAMILIES = ("qwen3_moe", "mixtral")  # families whose blocks may route tokens to experts
+WINDOWED_FAMILIES = ("mistral", "mixtral", "phi3")  # transformers' `sliding_window` on every layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,8 @@ class ModelConfig:
   o_bias: bool = False
   mlp_bias: bool = False
   qk_norm: bool = False           # RMSNorm over head_dim on queries and keys (Qwen3)
+  sliding_window: int = 0         # > 0: each query sees itself and the sliding_window - 1 keys before it
+                                  # (Mistral, Mixtral: transformers' `sliding_window`); 0: full causal attention
   tie_word_embeddings: bool = False
   scale_attn_by_inverse_layer_idx: bool = False  # GPT-2 option
   # Mixture of experts (transformers' Qwen3MoeConfig semantics); num_experts=0 is a dense model.
@@ -187,11 +190,12 @@ def _check_activation(act: str, where: str) -> str:
 
 def _llama_like_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
   family = hf["model_type"]
-  if hf.get("use_sliding_window"):
+  if hf.get("use_sliding_window"):  # Qwen's per-layer windows (max_window_layers)
     raise ModelLoadError(f"{where}: use_sliding_window=true is not supported; only full attention is")
-  if family == "mixtral" and hf.get("sliding_window") is not None:
-    raise ModelLoadError(f"{where}: sliding_window={hf['sliding_window']} is not supported; only full "
-                         f"attention (sliding_window null) is")
+  window = hf.get("sliding_window") if family in WINDOWED_FAMILIES else None  # Qwen's is off unless used
+  if float(hf.get("partial_rotary_factor") or 1.0) != 1.0:
+    raise ModelLoadError(f"{where}: partial_rotary_factor={hf['partial_rotary_factor']} is not supported; only "
+                         "rotary embeddings over the whole head are")
   hidden = int(_require(hf, "hidden_size", where))
   heads = int(_require(hf, "num_attention_heads", where))
   head_dim = hf.get("head_dim") or hidden // heads
@@ -216,6 +220,7 @@ def _llama_like_from_hf(hf: dict[str, Any], where: str) -> ModelConfig:
       o_bias=False if family == "qwen2" else attention_bias,
       mlp_bias=bool(hf.get("mlp_bias", False)),
       qk_norm=family in ("qwen3", "qwen3_moe"),
+      sliding_window=int(window or 0),
       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
       **(_moe_from_hf(hf, where) if family in MOE_FAMILIES else {}),
   )
@@ -247,7 +252,7 @@ def _moe_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
 def _moe_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   if cfg.family == "mixtral":
     return {"num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
-            "intermediate_size": cfg.moe_intermediate_size, "sliding_window": None}
+            "intermediate_size": cfg.moe_intermediate_size}
   return {"num_experts": cfg.num_experts, "num_local_experts": cfg.num_experts,
           "num_experts_per_tok": cfg.num_experts_per_tok, "moe_intermediate_size": cfg.moe_intermediate_size,
           "norm_topk_prob": cfg.norm_topk_prob, "decoder_sparse_step": cfg.decoder_sparse_step,
@@ -265,8 +270,10 @@ def _llama_like_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   }
   if cfg.family == "qwen2":
     out["use_sliding_window"] = False
-  elif cfg.family != "mixtral":
+  elif cfg.family not in WINDOWED_FAMILIES:
     out["attention_bias"] = cfg.qkv_bias
+  if cfg.family in WINDOWED_FAMILIES:
+    out["sliding_window"] = cfg.sliding_window or None
   if cfg.family in ("qwen3", "qwen3_moe"):
     out["use_sliding_window"] = False
   if cfg.family == "llama":
@@ -320,6 +327,8 @@ _FAMILIES = {
     "gpt2": (_gpt2_from_hf, _gpt2_to_hf, "GPT2LMHeadModel"),
     "qwen3_moe": (_llama_like_from_hf, _llama_like_to_hf, "Qwen3MoeForCausalLM"),
     "mixtral": (_llama_like_from_hf, _llama_like_to_hf, "MixtralForCausalLM"),
+    "mistral": (_llama_like_from_hf, _llama_like_to_hf, "MistralForCausalLM"),
+    "phi3": (_llama_like_from_hf, _llama_like_to_hf, "Phi3ForCausalLM"),
 }
 SUPPORTED_FAMILIES = tuple(_FAMILIES)
 
@@ -346,4 +355,5 @@ def to_hf_config(cfg: ModelConfig, base: dict[str, Any] | None = None,
     out.pop(stale, None)
   out.update(writer(cfg))
   out.update({"model_type": cfg.family, "architectures": [architecture], "torch_dtype": torch_dtype})
+  out.setdefault("pad_token_id", None)  # not the family's default id (Phi-3's 32000 may lie outside the vocabulary)
   return out

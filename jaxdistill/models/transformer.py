@@ -112,7 +112,7 @@ class Attention(nn.Module):
     out_BxLxNxK = attention.attend(
         q, k, v, mask_BxL, head_scale=head_dim ** -0.5, layer_factor=_layer_factor(cfg, layer),
         implementation=attention.resolve_implementation(cfg.attention, cfg.dtype, head_dim),
-        block=cfg.attention_block, right_padded=right_padded)
+        block=cfg.attention_block, right_padded=right_padded, window=cfg.sliding_window)
     out_BxLxD = _dense(cfg, cfg.hidden_size, cfg.o_bias, "o")(out_BxLxNxK.reshape(batch, length, heads * head_dim))
     return out_BxLxD, q, k
 
@@ -343,7 +343,7 @@ class CausalLM(nn.Module):
     hidden_states = hidden_states[:-1] + [final_BxLxD]
     queries_keys = tuple(
         attention.QueriesKeys(carry.q_buffer[slot], carry.k_buffer[slot], jnp.float32(cfg.head_dim ** -0.5) * (
-            1.0 if _layer_factor(cfg, layer) is None else _layer_factor(cfg, layer)))
+            1.0 if _layer_factor(cfg, layer) is None else _layer_factor(cfg, layer)), window=cfg.sliding_window)
         for slot, layer in enumerate(qk_layers))
     return LMOutput(
         logits_BxLxV=self.unembed(final_BxLxD) if compute_logits else None,

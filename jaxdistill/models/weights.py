@@ -2,7 +2,8 @@
 
 A rule ties one transformers tensor (or one per expert, stacked) to one or more Flax leaves.
 PyTorch `nn.Linear` stores [out, in] and is transposed; GPT-2's `Conv1D` already stores [in, out];
-GPT-2's fused `c_attn` is split evenly into the q, k and v kernels (and joined again on export).
+GPT-2's fused `c_attn` and Phi-3's fused `qkv_proj` are split into the q, k and v kernels at the widths
+the model expects (uneven under GQA), Phi-3's `gate_up_proj` into gate and up; export joins them again.
 
 The Flax params stack each kind of block on a leading layer axis (`ModelConfig.stacks`); the rules
 name one block at a time (`layers_{i}`), and `unstack_layers` / `stack_layers` convert between the two.
@@ -32,7 +33,7 @@ class Rule:
   hf_name: str          # with `stack`: a pattern whose '{e}' is the expert index
   flax_paths: tuple[Path, ...]
   transpose: bool = False  # swap the last two axes (PyTorch [out, in] -> Flax [in, out])
-  split_axis: int = -1  # axis of the (transposed) tensor split across `flax_paths`
+  split_axis: int = -1  # axis of the (transposed) tensor split across `flax_paths`, at their expected widths
   stack: int = 0        # > 0: this many tensors `hf_name.format(e=...)`, stacked on a new axis 0
 
   @property
@@ -79,14 +80,22 @@ def _llama_like_rules(cfg: ModelConfig, fused_experts: bool) -> list[Rule]:
     hf, fx = f"model.layers.{i}", (f"layers_{i}",)
     rules += _norm(f"{hf}.input_layernorm", fx + ("attn_norm",), False)
     rules += _norm(f"{hf}.post_attention_layernorm", fx + ("mlp_norm",), False)
-    for name in ("q", "k", "v"):
-      rules += _linear(f"{hf}.self_attn.{name}_proj", fx + ("attn", name), cfg.qkv_bias)
+    if cfg.family == "phi3":  # fused q/k/v rows, one matrix
+      rules.append(Rule(f"{hf}.self_attn.qkv_proj.weight", tuple(fx + ("attn", n, "kernel") for n in "qkv"),
+                        transpose=True))
+    else:
+      for name in ("q", "k", "v"):
+        rules += _linear(f"{hf}.self_attn.{name}_proj", fx + ("attn", name), cfg.qkv_bias)
     rules += _linear(f"{hf}.self_attn.o_proj", fx + ("attn", "o"), cfg.o_bias)
     if cfg.qk_norm:
       rules += _norm(f"{hf}.self_attn.q_norm", fx + ("attn", "q_norm"), False)
       rules += _norm(f"{hf}.self_attn.k_norm", fx + ("attn", "k_norm"), False)
     if cfg.is_sparse_layer(i):
       rules += _expert_rules(cfg, hf, fx + ("mlp",), fused_experts)
+    elif cfg.family == "phi3":  # fused gate (first) and up rows
+      rules.append(Rule(f"{hf}.mlp.gate_up_proj.weight", (fx + ("mlp", "gate", "kernel"), fx + ("mlp", "up", "kernel")),
+                        transpose=True))
+      rules += _linear(f"{hf}.mlp.down_proj", fx + ("mlp", "down"), False)
     else:
       for name in ("gate", "up", "down"):
         rules += _linear(f"{hf}.mlp.{name}_proj", fx + ("mlp", name), cfg.mlp_bias)
@@ -196,7 +205,8 @@ def hf_to_flax(state: dict[str, np.ndarray], cfg: ModelConfig, expected, where: 
     array = np.stack(tensors) if rule.stack else tensors[0]
     if rule.transpose:
       array = np.swapaxes(array, -1, -2)
-    parts = np.split(array, len(rule.flax_paths), axis=rule.split_axis) if len(rule.flax_paths) > 1 else [array]
+    widths = [_get(expected, path).shape[rule.split_axis] for path in rule.flax_paths]
+    parts = np.split(array, np.cumsum(widths)[:-1], axis=rule.split_axis) if len(widths) > 1 else [array]
     for path, part in zip(rule.flax_paths, parts):
       want = _get(expected, path)
       if tuple(part.shape) != tuple(want.shape):
