@@ -129,8 +129,8 @@ def check(saved: dict | None, now: dict, allow: tuple[str, ...], name: str) -> l
                         f"whatever is allowed; nothing was deleted. Start this run in another --workdir")
   refused = [c for c in config_changes if not _covered(c.field, CHANGEABLE + allow)]
   if refused:
-    fields = ",".join(c.field for c in refused)
+    allow_them = ",".join(c.field for c in refused)
     raise ResumeRefused(f"{name} was saved by a run with other settings: {_listed(refused)}; nothing "
                         f"was deleted. Start this run in another --workdir, or continue the saved run with these "
-                        f"changes: --config.train.allow_config_change={fields}")
+                        f"changes: --config.train.allow_config_change={allow_them}")
   return config_changes
