@@ -20,11 +20,11 @@ import shutil
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
+import jmp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxdistill.errors import JaxDistillError
+from jaxdistill.errors import JaxDistillError, first_line
 from jaxdistill.metrics import log
 from jaxdistill.parallel import is_main_process
 
@@ -67,11 +67,7 @@ def abstract(state):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
-@jax.jit
-def all_finite(tree) -> jax.Array:
-  """Whether every float in `tree` is finite (integer leaves always are)."""
-  floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-  return jnp.all(jnp.asarray([jnp.isfinite(x).all() for x in floats] or [True]))
+all_finite = jax.jit(jmp.all_finite)  # whether every value of a state is finite (integers always are), one scalar
 
 
 def nbytes(tree) -> int:
@@ -217,11 +213,10 @@ class Checkpointer:
     return restore_newest_usable(self.latest, abstract_state, accept, os.path.join(self.workdir, LATEST_DIR))
 
   def newest_meta(self) -> tuple[dict, str] | None:
-    """The `meta` of the workdir's newest checkpoint that verifies, with its name; None if there is none."""
+    """The `meta` of the workdir's newest checkpoint that verifies, with its path; None if there is none."""
     for step in sorted(self.latest.all_steps(), reverse=True):
       if verify(os.path.join(self.latest.directory, str(step))) is None:
-        meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        return dict(meta), f"{LATEST_DIR}/{step}"
+        return _read_meta(self.latest, step), os.path.join(self.workdir, LATEST_DIR, str(step))
     return None
 
 
@@ -232,20 +227,25 @@ def _mib(n: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # Restoring.
 
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The `meta` item of a step alone (the state is not read)."""
+  return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+
 def _restore_one(manager: ocp.CheckpointManager, step: int, abstract_state, accept, name: str) -> Restored | str:
   """The checkpoint, or why it cannot be used. `accept` raising means the whole resume is refused."""
   problem = verify(os.path.join(manager.directory, str(step)))
   if problem:
     return problem
   try:
-    meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    meta = _read_meta(manager, step)
   except Exception as e:  # orbax raises many types for damaged files
-    return f"has unreadable metadata ({type(e).__name__}: {_first_line(e)})"
+    return f"has unreadable metadata ({type(e).__name__}: {first_line(e)[:200]})"
   accept(meta, name)
   try:
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
   except Exception as e:  # orbax/tensorstore raise many types for truncated, corrupt or mismatched files
-    return f"is unreadable ({type(e).__name__}: {_first_line(e)})"
+    return f"is unreadable ({type(e).__name__}: {first_line(e)[:200]})"
   if not bool(all_finite(state)):
     return "holds non-finite values"
   return Restored(state, meta, name)
@@ -280,7 +280,3 @@ def restore_path(path: str, abstract_state, accept: Callable[[dict, str], None])
   root = os.path.join(path, LATEST_DIR) if os.path.isdir(os.path.join(path, LATEST_DIR)) else path
   return restore_newest_usable(ocp.CheckpointManager(root), abstract_state, accept, root)
 
-
-def _first_line(e: Exception) -> str:
-  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-  return lines[0][:200] if lines else ""

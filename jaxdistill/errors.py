@@ -1,6 +1,12 @@
 """User-facing errors: each one is printed as a single line by the entry points."""
 
 
+def first_line(e: BaseException) -> str:
+  """The first non-blank line of an exception's message ('' if none): libraries' errors can run to pages."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  return lines[0] if lines else ""
+
+
 class JaxDistillError(Exception):
   """Base class for errors the command-line programs report without a traceback."""
 

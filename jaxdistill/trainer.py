@@ -321,7 +321,8 @@ def _train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None
         if step % cfg.log.every_steps == 0 or step % cfg.log.debug_every_steps == 0 or step == total_steps:
           train_metrics = _host(step_metrics)
           elapsed = time.perf_counter() - window_start
-          counters = {k: int(v) for k, v in jax.device_get(state.nonfinite).items()}
+          nonfinite, skipped_streak = jax.device_get((state.nonfinite, state.skipped_streak))  # one transfer
+          counters = {k: int(v) for k, v in nonfinite.items()}
           record = {**train_metrics, "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                     "epoch": data.position(micro_step - 1)["epoch"], **_device_memory(),
                     **{f"count/nonfinite/{k}": v for k, v in counters.items()}}
@@ -332,7 +333,7 @@ def _train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None
           last_train = record
           for warning in monitor.on_train(step, micro_step, counters, record["loss"], fp16):
             log(warning)
-          reason = monitor.divergence(record["loss"], int(state.skipped_streak), accumulation)
+          reason = monitor.divergence(record["loss"], int(skipped_streak), accumulation)
           if reason:
             raise diverged(step, reason)
           if step % cfg.log.debug_every_steps == 0:

@@ -34,7 +34,7 @@ import sysconfig
 import threading
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from jaxdistill.errors import ConfigError, JaxDistillError
+from jaxdistill.errors import ConfigError, JaxDistillError, first_line
 from jaxdistill.paths import looks_like_local_path
 
 if TYPE_CHECKING:
@@ -262,7 +262,7 @@ def _parquet_documents(path: str, cfg: "DataConfig", stats: DecodeStats) -> Iter
   try:
     parquet = pq.ParquetFile(path)
   except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a file that is not parquet
-    raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {_first_line(e)})") from None
+    raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {first_line(e)})") from None
   columns = parquet.schema_arrow.names
   if text_field not in columns:
     raise DataError(f"{path}: no column '{text_field}' (data.text_field); the file has columns "
@@ -375,7 +375,7 @@ def _hub_documents(cfg: "DataConfig", limit: int | None) -> list[str]:
     dataset = datasets.load_dataset(name, cfg.subset or None, split=cfg.split)
   except Exception as e:  # offline, unknown id, gated, bad subset or split: all end the same way
     raise DataError(
-        f"data.source: could not load Hugging Face dataset {described} ({type(e).__name__}: {_first_line(e)}); "
+        f"data.source: could not load Hugging Face dataset {described} ({type(e).__name__}: {first_line(e)}); "
         f"it is not a local file or directory either. Offline (set HF_HUB_OFFLINE=1 to fail fast), put the text "
         f"in local {', '.join(LOCAL_EXTENSIONS)} files and set data.source to the file or directory") from None
   if cfg.text_field not in dataset.column_names:
@@ -386,7 +386,3 @@ def _hub_documents(cfg: "DataConfig", limit: int | None) -> list[str]:
            for value in rows[cfg.text_field])
   return _take(texts, limit)
 
-
-def _first_line(e: Exception) -> str:
-  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-  return lines[0] if lines else ""

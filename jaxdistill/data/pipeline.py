@@ -189,7 +189,7 @@ class DataPipeline:
     files = _cache_files(self.aligned)
     packed = None
     if cache_dir:
-      key = _cache_key(cfg, tokenizer, seed, eos_id, self.pad_id, teacher)
+      key = _cache_key(cfg, self.identity, tokenizer, seed, eos_id, self.pad_id, teacher)
       directory = os.path.join(cache_dir, f"packed-{hashlib.sha256(key.encode()).hexdigest()[:20]}")
       packed = _read_cache(directory, key, files, cfg)
     if packed is None:
@@ -371,20 +371,24 @@ def _definition_sha256(tokenizer) -> str:
   return hashlib.sha256(definition.encode()).hexdigest()
 
 
-def _cache_key(cfg: DataConfig, tokenizer, seed: int, eos_id: int, pad_id: int, teacher: _Teacher | None) -> str:
-  """Everything the packed arrays depend on, as canonical JSON (hashed into the cache directory's name)."""
+def _cache_key(cfg: DataConfig, identity: dict, tokenizer, seed: int, eos_id: int, pad_id: int,
+               teacher: _Teacher | None) -> str:
+  """Everything the packed arrays depend on, as canonical JSON (hashed into the cache directory's name).
+
+  `identity`: `DataPipeline.identity` (the source's files and the tokenizers' definition hashes).
+  """
   key = {
-      "format": _CACHE_FORMAT, "source": cfg.source, "content": corpus.source_fingerprint(cfg.source),
+      "format": _CACHE_FORMAT, "source": cfg.source, "content": identity["content"],
       "subset": cfg.subset, "split": cfg.split, "text_field": cfg.text_field,
       "encoding": codecs.lookup(cfg.encoding).name, "encoding_errors": cfg.encoding_errors,
       "max_documents": cfg.max_documents, "seq_len": cfg.seq_len, "eval_fraction": cfg.eval_fraction,
       "seed": seed, "tokenizer": type(tokenizer).__name__, "eos_id": eos_id, "pad_id": pad_id,
-      "tokenizer_sha256": _definition_sha256(tokenizer),
+      "tokenizer_sha256": identity["tokenizer"],
   }
   if teacher is not None:
     key.update(teacher_seq_len=cfg.teacher_len, teacher_tokenizer=type(teacher.tokenizer).__name__,
                teacher_eos_id=teacher.eos_id, teacher_pad_id=teacher.pad_id,
-               teacher_tokenizer_sha256=_definition_sha256(teacher.tokenizer))
+               teacher_tokenizer_sha256=identity["teacher_tokenizer"])
   return json.dumps(key, sort_keys=True)
 
 
