@@ -38,12 +38,8 @@ from absl import flags  # noqa: E402
 
 from jaxdistill import config as config_lib  # noqa: E402
 from jaxdistill import offline_teacher, parallel, steps  # noqa: E402
-from jaxdistill.build import build_model, build_tokenizer  # noqa: E402
-from jaxdistill.data.alignment import vocab_size  # noqa: E402
+from jaxdistill.build import build_run, build_tokenizer  # noqa: E402
 from jaxdistill.models import ModelConfig, param_shapes, save_pretrained  # noqa: E402
-from jaxdistill.objective import init_heads  # noqa: E402
-from jaxdistill.optim import make_optimizer  # noqa: E402
-from jaxdistill.state import create_placed_train_state  # noqa: E402
 
 
 
@@ -133,30 +129,18 @@ def build(cfg: config_lib.Config, batch_size: int, seq_len: int) -> Bench:
   """
   plan = parallel.MeshPlan(cfg.mesh)
   plan.check_batch_size(batch_size)
-  tokenizer = build_tokenizer(cfg)
-  teacher_rng, student_rng, heads_rng, state_rng, data_rng = jax.random.split(jax.random.key(cfg.seed), 5)
-  teacher = build_model(cfg.teacher, vocab_size(tokenizer), teacher_rng, "teacher") if cfg.mode == "distill" else None
-  student = build_model(cfg.student, vocab_size(tokenizer), student_rng, "student")
-  teacher_config = teacher.config if teacher else None
-  total_steps = cfg.train.max_steps or 1000
-  optim = dataclasses.replace(cfg.optim, total_steps=total_steps)
-  objective = dataclasses.replace(cfg.objective, total_steps=total_steps).resolve_layers(student.config,
-                                                                                          teacher_config)
-  setup = steps.StepSetup(objective, student.config, teacher_config, optim,
-                          dynamic_loss_scale=student.config.dtype == "float16")
-  tx, _ = make_optimizer(optim)
-  state = create_placed_train_state(plan, student.params, init_heads(objective, student.config, teacher_config,
-                                                                    heads_rng), tx, state_rng,
-                                    2.0 ** 15 if setup.dynamic_loss_scale else 1.0)
-  teacher_params = plan.put(teacher.params, plan.teacher_shardings(teacher.params)) if teacher else None
-  vocab = min(student.config.vocab_size, teacher_config.vocab_size if teacher_config else student.config.vocab_size)
+  run = build_run(cfg, plan, cfg.train.max_steps or 1000, build_tokenizer(cfg), seq_len=seq_len)
+  teacher_config = run.setup.teacher
+  vocab = min(run.setup.student.vocab_size, teacher_config.vocab_size if teacher_config else run.setup.student.vocab_size)
+  tokens = np.random.default_rng(cfg.seed)  # the batches' own generator: the models' keys are training's
   batches = []
-  for rng in jax.random.split(data_rng, optim.accumulation_steps):
-    ids_BxL = np.asarray(jax.random.randint(rng, (batch_size, seq_len), 0, vocab), np.int32)
+  for _ in range(cfg.optim.accumulation_steps):
+    ids_BxL = tokens.integers(0, vocab, (batch_size, seq_len), dtype=np.int32)
     mask_BxL = np.ones_like(ids_BxL)
     batches.append(plan.global_batch({"student_input_ids": ids_BxL, "student_attention_mask": mask_BxL,
                                       "teacher_input_ids": ids_BxL, "teacher_attention_mask": mask_BxL}, batch_size))
-  return Bench(cfg, setup, teacher_params, teacher, student, state, batches, plan)
+  return Bench(cfg, run.setup, run.teacher.params if run.teacher else None, run.teacher, run.student, run.state,
+               batches, plan)
 
 
 def _median_seconds(run_step, repeats: int) -> float:
@@ -212,18 +196,17 @@ def xla_peak_bytes(memory) -> int:
 
 
 def offline_objective(objective):
-  """The objective without the components records cannot serve (attention, router)."""
-  zeros = (0.0,) * len(objective.curriculum.attention)
-  return dataclasses.replace(objective, curriculum=dataclasses.replace(objective.curriculum, attention=zeros,
-                                                                       feature=zeros))
+  """The objective with a live teacher, without the components records cannot serve (the registry's `records=False`)."""
+  return dataclasses.replace(objective.without_unserved(teacher="records"), teacher="live", offline_top_k=0)
 
 
 def time_offline(bench: Bench, top_k: int, repeats: int, directory: str) -> dict:
   """Median optimizer-step seconds: live teacher, epoch 1 (record and write), epoch 2 (read back)."""
   setup = bench.setup
   live_setup = dataclasses.replace(setup, objective=offline_objective(setup.objective))
-  off_setup = dataclasses.replace(live_setup, objective=dataclasses.replace(live_setup.objective, offline_top_k=top_k))
-  offline_teacher.check(off_setup.objective, top_k)
+  # Built in the records mode, the objective refuses what records cannot serve (ConfigError).
+  off_objective = dataclasses.replace(live_setup.objective, teacher="records", offline_top_k=top_k)
+  off_setup = dataclasses.replace(live_setup, objective=off_objective)
   state = bench.state
   jit_train = steps.jit_train_step(bench.plan, bench.state)
   batch_size, seq_len = bench.batches[0]["student_input_ids"].shape
@@ -289,7 +272,7 @@ def main(argv) -> None:
   print(f"device: {jax.device_count()} x {device.platform} ({device.device_kind}); jax {jax.__version__}; "
         f"{cfg.optim.accumulation_steps} micro-batches per optimizer step; student {cfg.student.dtype} compute, "
         f"teacher {cfg.teacher.param_dtype}/{cfg.teacher.dtype}; remat {cfg.student.remat}; chunk "
-        f"{cfg.objective.chunk_size}; donate {args.donate}")
+        f"{cfg.objective.distill.chunk_size}; donate {args.donate}")
   print(f"{'seq':>5s} {'batch':>5s} {'compile s':>9s} {'ms/step':>9s} {'tokens/s':>10s} {'XLA peak MiB':>12s} "
         f"{'device peak MiB':>15s} {'MFU':>6s}")
   for seq_len in seq_lens:

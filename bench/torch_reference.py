@@ -8,8 +8,9 @@ micro-batches, run the old way: transformers' PyTorch models in eager mode (eage
 called with every hidden state and attention map, the teacher under `torch.no_grad()`, mixed
 precision by `torch.autocast` (bf16, or fp16 with a `GradScaler`), `loss / k` backward per
 micro-batch, then `clip_grad_norm_` and `torch.optim.AdamW` over two parameter groups (student,
-heads). The loss components are the ones of `jaxdistill.objective`, written again in torch and
-computed in float32 outside autocast; curriculum weights, temperatures, the router's top-k and the
+heads). The loss components are the ones of `jaxdistill.objective`'s registry, written again in torch
+(`TORCH_TERMS`, by name; an enabled component without one is refused) and computed in float32 outside
+autocast; curriculum weights, temperatures, the router's top-k and the
 learning rates are configuration, so they come from jaxdistill's own schedule functions.
 
 Out of scope: two tokenizers (an `align_mask` batch) and the router over a mixture-of-experts
@@ -38,7 +39,7 @@ from jaxdistill import curriculum, router  # noqa: E402
 from jaxdistill import objective as objective_lib  # noqa: E402
 from jaxdistill.models import config as model_config  # noqa: E402
 from jaxdistill.models import hf_io  # noqa: E402
-from jaxdistill.objective import COMPONENTS, ObjectiveConfig  # noqa: E402
+from jaxdistill.objective import COMPONENTS, DistillSpec, ResolvedObjective  # noqa: E402
 from jaxdistill.optim import OptimConfig, lr_schedule  # noqa: E402
 
 _EPS = 1e-12
@@ -84,13 +85,13 @@ def _topk_log_probs(log_p_NxV, log_q_NxV, top_k: int, tail: str):
   return with_tail(top_log_p), with_tail(top_log_q)
 
 
-def kd_loss(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL, cfg: ObjectiveConfig, temperature: float):
+def kd_loss(student_logits_BxLxV, teacher_logits_BxLxV, mask_BxL, d: DistillSpec, temperature: float):
   """T^2 * masked token mean of the divergence between softmax(z_t / T) and softmax(z_s / T)."""
   log_q = (student_logits_BxLxV.float() / temperature).log_softmax(-1)
   log_p = (teacher_logits_BxLxV.detach().float() / temperature).log_softmax(-1)
-  if cfg.kd_top_k:
-    log_p, log_q = _topk_log_probs(log_p, log_q, cfg.kd_top_k, cfg.kd_topk_tail)
-  return temperature ** 2 * masked_mean(_divergence(log_p, log_q, cfg.kd_mode, cfg.jsd_beta), mask_BxL)
+  if d.kd_top_k:
+    log_p, log_q = _topk_log_probs(log_p, log_q, d.kd_top_k, d.kd_topk_tail)
+  return temperature ** 2 * masked_mean(_divergence(log_p, log_q, d.kd_mode, d.jsd_beta), mask_BxL)
 
 
 def lm_loss(logits_BxLxV, input_ids_BxL, mask_BxL, label_smoothing: float):
@@ -238,7 +239,7 @@ class Schedule:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _scheduled(cfg: ObjectiveConfig, optim: OptimConfig, step: jax.Array) -> dict:
+def _scheduled(cfg: ResolvedObjective, optim: OptimConfig, step: jax.Array) -> dict:
   """jaxdistill's own schedule functions at `step`, in one compiled call (eagerly, each op would compile)."""
   top_k, gate_temperature = router.schedule(curriculum.progress(step, cfg.total_steps), cfg.router)
   return {"weights": objective_lib.component_weights(step, cfg),
@@ -248,68 +249,105 @@ def _scheduled(cfg: ObjectiveConfig, optim: OptimConfig, step: jax.Array) -> dic
           "heads_learning_rate": lr_schedule(optim.heads_learning_rate, optim)(step)}
 
 
-def schedule_at(cfg: ObjectiveConfig, optim: OptimConfig, opt_step: int) -> Schedule:
+def schedule_at(cfg: ResolvedObjective, optim: OptimConfig, opt_step: int) -> Schedule:
   values = jax.device_get(_scheduled(cfg, optim, jnp.int32(opt_step)))
   return Schedule(weights={c: float(w) for c, w in values.pop("weights").items()}, top_k=int(values.pop("top_k")),
                   **{name: float(v) for name, v in values.items()})
 
 
-def _model_terms(student_out, teacher_out, batch, cfg: ObjectiveConfig, sched: Schedule) -> dict:
-  """kd, lm and attention: the components read straight from the two models' outputs."""
-  mask_BxL = batch["student_attention_mask"]
-  raw = {}
-  if cfg.enabled("kd"):
-    vocab = min(student_out.logits.shape[-1], teacher_out.logits.shape[-1])
-    raw["kd"] = kd_loss(student_out.logits[..., :vocab], teacher_out.logits[..., :vocab], mask_BxL, cfg,
-                        sched.kd_temperature)
-  if cfg.enabled("lm"):
-    raw["lm"] = lm_loss(student_out.logits, batch["student_input_ids"], mask_BxL, cfg.label_smoothing)
-  if cfg.enabled("attention"):
-    raw["attention"] = attention_loss([student_out.attentions[s] for s, _ in cfg.attention_pairs],
-                                      [teacher_out.attentions[t] for _, t in cfg.attention_pairs], mask_BxL)
-  return raw
+@dataclasses.dataclass
+class TermInputs:
+  """What a torch term reads: both models' outputs (every hidden state and attention map), the heads, the batch."""
+  student_out: object
+  teacher_out: object
+  heads: Heads | None
+  batch: dict
+  cfg: ResolvedObjective
+  sched: Schedule
+
+  @property
+  def mask_BxL(self):
+    return self.batch["student_attention_mask"]
+
+  @functools.cached_property
+  def router(self):
+    """(the student's last state [B, L, D], gate logits [B, L, E], gates [B, L, E]): the router's, computed once."""
+    last_BxLxD = self.student_out.hidden_states[-1].float()
+    gate_logits_BxLxE = self.heads.router_gate(last_BxLxD)
+    return last_BxLxD, gate_logits_BxLxE, gates(gate_logits_BxLxE, self.sched.top_k, self.sched.gate_temperature)
 
 
-def _head_terms(student_out, teacher_out, heads: Heads, batch, cfg: ObjectiveConfig, sched: Schedule) -> dict:
-  """layerwise, contrastive and the routing components: those that go through the heads."""
-  mask_BxL = batch["student_attention_mask"]
-  student_states, teacher_states = student_out.hidden_states, teacher_out.hidden_states
-  raw = {}
-  if cfg.enabled("layerwise"):
-    values = [hidden_distance(proj(student_states[s].float()), teacher_states[t], mask_BxL, cfg.hidden_distance)
-              for proj, (s, t) in zip(heads.layer_proj, cfg.layer_map)]
-    raw["layerwise"] = torch.stack(values).mean()
-  if cfg.enabled("contrastive"):
-    pooled_BxD = heads.contrastive_proj(masked_mean_pool(student_states[-1], mask_BxL))
-    teacher_pooled_BxD = masked_mean_pool(teacher_states[-1], batch["teacher_attention_mask"])
-    raw["contrastive"] = contrastive_loss(pooled_BxD, teacher_pooled_BxD, cfg.contrastive_temperature,
-                                          (mask_BxL > 0).any(1))
-  if not any(cfg.enabled(c) for c in COMPONENTS[5:]):  # no routing_* component
-    return raw
-  last_BxLxD = student_states[-1].float()
-  gate_logits_BxLxE = heads.router_gate(last_BxLxD)
-  gates_BxLxE = gates(gate_logits_BxLxE, sched.top_k, sched.gate_temperature)
-  if cfg.enabled("routing_feature"):
-    experts = normalized_experts([teacher_states[e] for e in cfg.expert_layers])
-    raw["routing_feature"] = feature_loss(heads.router_proj(last_BxLxD), gates_BxLxE, experts, mask_BxL)
-    raw["routing_load_balance"] = load_balance_loss(gate_logits_BxLxE, gates_BxLxE, sched.gate_temperature, mask_BxL)
-  if cfg.enabled("routing_attention_alignment"):
-    expert_maps = [teacher_out.attentions[e - 1] for e in cfg.expert_layers]  # hidden_states index -> block
-    raw["routing_attention_alignment"] = attention_alignment_loss(student_out.attentions[-1], expert_maps,
-                                                                  gates_BxLxE, mask_BxL)
-  return raw
+def _kd(x: TermInputs):
+  vocab = min(x.student_out.logits.shape[-1], x.teacher_out.logits.shape[-1])
+  return kd_loss(x.student_out.logits[..., :vocab], x.teacher_out.logits[..., :vocab], x.mask_BxL, x.cfg.distill,
+                 x.sched.kd_temperature)
 
 
-def distill_objective(student_out, teacher_out, heads, batch, cfg: ObjectiveConfig, sched: Schedule):
-  """(weighted total, component -> raw value), in float32 outside autocast as jaxdistill computes them.
+def _lm(x: TermInputs):
+  return lm_loss(x.student_out.logits, x.batch["student_input_ids"], x.mask_BxL, x.cfg.distill.label_smoothing)
+
+
+def _attention(x: TermInputs):
+  pairs = x.cfg.attention_pairs
+  return attention_loss([x.student_out.attentions[s] for s, _ in pairs],
+                        [x.teacher_out.attentions[t] for _, t in pairs], x.mask_BxL)
+
+
+def _layerwise(x: TermInputs):
+  student_states, teacher_states = x.student_out.hidden_states, x.teacher_out.hidden_states
+  distance = x.cfg.distill.hidden_distance
+  values = [hidden_distance(proj(student_states[s].float()), teacher_states[t], x.mask_BxL, distance)
+            for proj, (s, t) in zip(x.heads.layer_proj, x.cfg.layer_map)]
+  return torch.stack(values).mean()
+
+
+def _contrastive(x: TermInputs):
+  pooled_BxD = x.heads.contrastive_proj(masked_mean_pool(x.student_out.hidden_states[-1], x.mask_BxL))
+  teacher_pooled_BxD = masked_mean_pool(x.teacher_out.hidden_states[-1], x.batch["teacher_attention_mask"])
+  return contrastive_loss(pooled_BxD, teacher_pooled_BxD, x.cfg.distill.contrastive_temperature,
+                          (x.mask_BxL > 0).any(1))
+
+
+def _routing_feature(x: TermInputs):
+  last_BxLxD, _, gates_BxLxE = x.router
+  experts = normalized_experts([x.teacher_out.hidden_states[e] for e in x.cfg.expert_layers])
+  return feature_loss(x.heads.router_proj(last_BxLxD), gates_BxLxE, experts, x.mask_BxL)
+
+
+def _routing_load_balance(x: TermInputs):
+  _, gate_logits_BxLxE, gates_BxLxE = x.router
+  return load_balance_loss(gate_logits_BxLxE, gates_BxLxE, x.sched.gate_temperature, x.mask_BxL)
+
+
+def _routing_attention_alignment(x: TermInputs):
+  _, _, gates_BxLxE = x.router
+  expert_maps = [x.teacher_out.attentions[e - 1] for e in x.cfg.expert_layers]  # hidden_states index -> block
+  return attention_alignment_loss(x.student_out.attentions[-1], expert_maps, gates_BxLxE, x.mask_BxL)
+
+
+# The torch term of each registry component it covers, by name. A component without one is refused
+# when enabled (`uncovered`): the reference would otherwise time and compare less than jaxdistill computes.
+TORCH_TERMS = {"kd": _kd, "lm": _lm, "attention": _attention, "layerwise": _layerwise, "contrastive": _contrastive,
+               "routing_feature": _routing_feature, "routing_load_balance": _routing_load_balance,
+               "routing_attention_alignment": _routing_attention_alignment}
+_ROUTER_TERMS = ("routing_feature", "routing_load_balance", "routing_attention_alignment")
+
+
+def uncovered(cfg: ResolvedObjective) -> list[str]:
+  """The enabled components the reference has no torch term for."""
+  return [c.name for c in cfg.components() if c.name not in TORCH_TERMS]
+
+
+def distill_objective(student_out, teacher_out, heads, batch, cfg: ResolvedObjective, sched: Schedule):
+  """(weighted total, component -> raw value) of the enabled components, in float32 outside autocast as
+  jaxdistill computes them.
 
   A non-finite component counts as 0 (jaxdistill's guard; here a plain `torch.where`).
   """
   logits = student_out.logits
+  inputs = TermInputs(student_out, teacher_out, heads, batch, cfg, sched)
   with torch.autocast(logits.device.type, enabled=False):
-    raw = _model_terms(student_out, teacher_out, batch, cfg, sched)
-    if heads is not None:
-      raw.update(_head_terms(student_out, teacher_out, heads, batch, cfg, sched))
+    raw = {c.name: TORCH_TERMS[c.name](inputs) for c in cfg.components()}
     raw = {c: torch.where(torch.isfinite(v), v, 0.0) for c, v in raw.items()}
     total = sum((sched.weights[c] * v for c, v in raw.items()), torch.zeros((), device=logits.device))
   return total, raw
@@ -326,7 +364,7 @@ class Reference:
   heads: Heads | None
   optimizer: torch.optim.Optimizer
   scaler: torch.amp.GradScaler     # enabled with float16 only
-  cfg: ObjectiveConfig
+  cfg: ResolvedObjective
   sched: Schedule
   autocast_dtype: torch.dtype | None
   clip_norm: float
@@ -382,17 +420,19 @@ def train_step(ref: Reference, batches):
   return first
 
 
-def _check(batches, cfg: ObjectiveConfig, heads_params, dtype: str, repeats: int):
+def _check(batches, cfg: ResolvedObjective, heads_params, dtype: str, repeats: int):
   if dtype not in _AUTOCAST:
     raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_AUTOCAST)}")
   if not batches:
     raise ValueError("batches must hold the micro-batches of one optimizer step; got none")
   if repeats < 1:
     raise ValueError(f"repeats ({repeats}) must be at least 1: the median of no timed step is undefined")
-  if any("align_mask" in b for b in batches):
+  if cfg.aligned or any("align_mask" in b for b in batches):
     raise ValueError("the torch reference covers one tokenizer; this batch is aligned across two (align_mask)")
-  routing = any(cfg.enabled(c) for c in COMPONENTS[5:])  # the routing_* components
-  if routing and cfg.router.experts == "moe":
+  if uncovered(cfg):
+    raise ValueError(f"the torch reference has no term for {', '.join(uncovered(cfg))} (bench/torch_reference.py "
+                     "TORCH_TERMS): set its curriculum weight to 0 to compare the rest")
+  if cfg.router.experts == "moe" and any(cfg.enabled(c) for c in _ROUTER_TERMS):
     raise ValueError("router.experts='moe' (the router over a mixture-of-experts teacher's experts) is outside "
                      "the torch reference; it covers router.experts='blocks'")
   if cfg.needs_heads and not heads_params:
@@ -406,19 +446,20 @@ def _metrics(total, raw) -> dict[str, float]:
 
 
 def run_reference(teacher_dir: str, student_dir: str, batches: list[dict[str, np.ndarray]],
-                  objective: ObjectiveConfig, opt_step: int, heads_params, optim: OptimConfig, *,
+                  objective: ResolvedObjective, opt_step: int, heads_params, optim: OptimConfig, *,
                   dtype: str = "float32", device: str = "cpu", repeats: int = 5, warmup: int = 1) -> dict:
   """Times the reference's optimizer step over `batches` (the micro-batches of one step).
 
   Args:
     teacher_dir, student_dir: transformers checkpoint directories (one shared tokenizer).
     batches: dicts of int32 [B, L] `student_/teacher_ input_ids / attention_mask`.
-    objective: an ObjectiveConfig already `resolve_layers`-ed for these two models.
+    objective: a ResolvedObjective already `resolve_layers`-ed for these two models.
     opt_step: the optimizer step whose curriculum weights, temperatures, router top-k and learning
       rates are used (held constant over the timed steps).
     heads_params: jaxdistill's DistillHeads params (copied, so both sides start from the same heads);
       {} or None when `objective.needs_heads` is False.
     optim: clip norm, AdamW betas/eps/weight decay and the learning-rate schedules.
+    (The objective's components must all have a torch term, `TORCH_TERMS`; see `uncovered`.)
     dtype: float32 (no autocast), bfloat16 or float16 (autocast; fp16 with a GradScaler). With the
       half dtypes the teacher is loaded in that dtype; the student keeps float32 master weights.
     repeats, warmup: timed and untimed optimizer steps.
@@ -493,7 +534,7 @@ def main(argv=None) -> None:
   student_cfg, teacher_cfg = (model_config.from_hf_config(hf_io.read_config(d), d)
                                for d in (args.student, args.teacher))
   optim = OptimConfig(accumulation_steps=args.accumulation)
-  cfg = ObjectiveConfig(total_steps=optim.total_steps).resolve_layers(student_cfg, teacher_cfg)
+  cfg = ResolvedObjective(total_steps=optim.total_steps).resolve_layers(student_cfg, teacher_cfg)
   opt_step = int(0.8 * cfg.total_steps)  # phase 3: every default component weighted
   heads_params = objective_lib.init_heads(cfg, student_cfg, teacher_cfg, jax.random.key(0))
   batches = _random_batches(args.batch_size, args.seq_len, args.accumulation,

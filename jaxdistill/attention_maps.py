@@ -53,7 +53,7 @@ def rows(view: MapView, index_BxQ: jax.Array) -> jax.Array:
   """Float32 rows [B, H, Q, K] of the queries at sequence indices `index_BxQ` (K: L keys, or A aligned)."""
   q_BxQxNxK = jnp.take_along_axis(view.qk.q_BxLxNxK, index_BxQ[:, :, None, None], axis=1)
   probs_BxHxQxL = attention_probs(q_BxQxNxK, view.qk.k_BxLxGxK, index_BxQ, view.key_mask_BxL, view.qk.scale,
-                                  view.qk.window)
+                                  view.qk.window, view.qk.softcap)
   if view.columns_BxQ is None:
     return probs_BxHxQxL
   return cross_vocab.aligned_columns(probs_BxHxQxL, view.columns_BxQ, view.column_mask_BxQ)

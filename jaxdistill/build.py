@@ -1,4 +1,4 @@
-"""Turns a validated config into its parts: the tokenizer and the teacher/student models."""
+"""Turns a validated config into its parts: tokenizers, teacher and student, and a run's step set-up and state."""
 
 import contextlib
 import dataclasses
@@ -6,12 +6,15 @@ import os
 
 import jax
 
-from jaxdistill import cross_vocab
+from jaxdistill import cross_vocab, steps
+from jaxdistill import state as state_lib
 from jaxdistill.config import Config, ModelSpec
 from jaxdistill.data import alignment
 from jaxdistill.errors import ConfigError, ModelLoadError
 from jaxdistill.models import hf_io, transformer
 from jaxdistill.models.config import ModelConfig, to_hf_config
+from jaxdistill.objective import init_heads
+from jaxdistill.optim import check_warmup, make_optimizer
 from jaxdistill.tokenizer import load_tokenizer
 
 
@@ -60,17 +63,9 @@ def has_tokenizer(spec: ModelSpec) -> bool:
 
 
 def check_cross_vocab_objective(cfg: Config) -> None:
-  """With two tokenizers kd is the cross-vocabulary forward KL (`cross_vocab.py`): its other options are refused."""
-  obj = cfg.objective
-  if obj.kd_mode != "forward_kl":
-    raise ConfigError("distill.kd_mode", obj.kd_mode, "forward_kl when the teacher's tokenizer differs from the "
-                      "run's (cross-vocabulary kd is a forward KL over the shared tokens plus ULD on the rest)")
-  if obj.kd_top_k:
-    raise ConfigError("distill.kd_top_k", obj.kd_top_k, "0 when the teacher's tokenizer differs from the run's "
-                      "(distill.uld_top_k bounds the vocabulary-free part instead)")
-  if obj.offline_top_k:
-    raise ConfigError("offline_teacher.top_k", obj.offline_top_k, "0 when the teacher's tokenizer differs from the "
-                      "run's (records keep the teacher's own top-k tokens; cross-vocabulary kd needs its full logits)")
+  """Refuses, before the data is built, what two tokenizers cannot serve: the objective aligned across them
+  checks every enabled component (kd is the cross-vocabulary forward KL, `cross_vocab.py`; no records)."""
+  dataclasses.replace(cfg.objective, aligned=True)
 
 
 def vocab_map(tokenizer, teacher_tokenizer, student_vocab: int, teacher_vocab: int) -> cross_vocab.VocabMap:
@@ -105,7 +100,7 @@ def build_model(spec: ModelSpec, vocab_size: int, rng: jax.Array, field: str) ->
     with _blame(f"{field}.name_or_path"):
       model = hf_io.load_pretrained(spec.name_or_path, spec.revision, spec.param_dtype, spec.dtype)
     return dataclasses.replace(model, config=dataclasses.replace(model.config, **spec.runtime()))
-  cfg = dataclasses.replace(spec.arch.model_config(vocab_size, spec.param_dtype, spec.dtype), **spec.runtime())
+  cfg = spec.model_config(vocab_size)
   params = transformer.init_params(cfg, rng)
   return hf_io.Pretrained(config=cfg, params=params, hf_config=to_hf_config(cfg), path="")
 
@@ -122,3 +117,64 @@ def check_positions(model_config: ModelConfig, seq_len: int, field: str, model: 
   if seq_len > limit:
     raise ConfigError(field, seq_len, f"an integer <= {limit}, the max_position_embeddings of {model} "
                       f"({model_config.family})")
+
+
+FP16_INITIAL_LOSS_SCALE = 2.0 ** 15
+
+
+@dataclasses.dataclass
+class Run:
+  """What a compiled step needs, built one way for training and for the benchmarks.
+
+  `state` holds the student's params (the `student` model keeps its config and export metadata,
+  `params=None`); the teacher's params and `vocab_map` are placed on the mesh.
+  """
+  setup: steps.StepSetup
+  state: state_lib.TrainState
+  teacher: hf_io.Pretrained | None   # None: plain LM training
+  student: hf_io.Pretrained
+  vocab_map: cross_vocab.VocabMap | None  # two tokenizers: how their ids correspond
+
+
+def init_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(teacher, student, heads) initialisation keys of `seed`: one split, so a seed means the same weights
+  in training and in `bench/`."""
+  teacher_key, student_key, heads_key = jax.random.split(jax.random.key(seed), 3)
+  return teacher_key, student_key, heads_key
+
+
+def build_run(cfg: Config, plan, total_steps: int, tokenizer, teacher_tokenizer=None, seq_len: int | None = None) -> Run:
+  """Models, resolved objective, optimizer and a fresh placed state for `total_steps` optimizer steps.
+
+  `teacher_tokenizer`: the teacher's own tokenizer where it differs (`build_teacher_tokenizer`), else None.
+  `seq_len`: the student tokens per row (default `data.seq_len`; a benchmark sweeps it).
+  """
+  distill = cfg.mode == "distill"
+  teacher_key, student_key, heads_key = init_keys(cfg.seed)
+  teacher = build_model(cfg.teacher, alignment.vocab_size(teacher_tokenizer or tokenizer), teacher_key, "teacher") \
+      if distill else None
+  student = build_model(cfg.student, alignment.vocab_size(tokenizer), student_key, "student")
+  seq_field = "data.seq_len"
+  check_positions(student.config, seq_len or cfg.data.seq_len, seq_field, "the student")
+  if distill:
+    teacher_field = "data.teacher_seq_len" if cfg.data.teacher_seq_len and seq_len is None else seq_field
+    check_positions(teacher.config, cfg.data.teacher_len if seq_len is None else seq_len, teacher_field, "the teacher")
+  teacher_config = teacher.config if distill else None
+  check_warmup(cfg.optim, total_steps)
+  optim = dataclasses.replace(cfg.optim, total_steps=total_steps)
+  aligned = distill and teacher_tokenizer is not None  # two tokenizers: the batches carry aligned pairs
+  objective = dataclasses.replace(cfg.objective, total_steps=total_steps, aligned=aligned)
+  objective = objective.resolve_layers(student.config, teacher_config)
+  fp16 = student.config.dtype == "float16"
+  setup = steps.StepSetup(objective, student.config, teacher_config, optim, dynamic_loss_scale=fp16)
+  tx, _ = make_optimizer(optim)
+  heads = init_heads(objective, student.config, teacher_config, heads_key)
+  state = state_lib.create_placed_train_state(plan, student.params, heads, tx,
+                                              FP16_INITIAL_LOSS_SCALE if fp16 else 1.0)
+  if distill:
+    teacher = dataclasses.replace(teacher, params=plan.put(teacher.params, plan.teacher_shardings(teacher.params)))
+  shared = None
+  if distill and teacher_tokenizer is not None:
+    shared = plan.replicate(vocab_map(tokenizer, teacher_tokenizer, student.config.vocab_size,
+                                      teacher.config.vocab_size))
+  return Run(setup, state, teacher, dataclasses.replace(student, params=None), shared)

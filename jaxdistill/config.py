@@ -15,17 +15,17 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from jaxdistill.curriculum import CurriculumConfig
 from jaxdistill.data.pipeline import DataConfig
 from jaxdistill.cli import one_line
 from jaxdistill.errors import CommandLineError, ConfigError
 from jaxdistill.monitor import MonitorConfig
+from jaxdistill.objective import curriculum_config
 from jaxdistill.offline_teacher import OfflineTeacherSpec
 from jaxdistill.optim import OptimConfig
 from jaxdistill.parallel import MeshSpec
 from jaxdistill.router import RouterConfig
-from jaxdistill.schema import (EVAL_METRICS, MODES, ArchSpec, CheckpointSpec, Config, DebugSpec,  # noqa: F401
-                               DistillSpec, LogSpec, ModelSpec, StagesSpec, TrainSpec, parse)
+from jaxdistill.schema import (EVAL_METRICS, MODES, CheckpointSpec, Config, DebugSpec, DistillSpec,  # noqa: F401
+                               LogSpec, ModelSpec, StagesSpec, TrainSpec, parse)
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks for config files.
@@ -60,13 +60,14 @@ def base_config() -> ml_collections.ConfigDict:
       "teacher_tokenizer": "",    # the teacher's, where it differs (same forms); '': the teacher checkpoint's own,
                                   # or `tokenizer` for a random teacher. Two tokenizers: kd on text-aligned positions
       # The groups below take their fields and defaults from the dataclasses that document them:
-      # DataConfig (jaxdistill/data/pipeline.py), DistillSpec, TrainSpec, CheckpointSpec, LogSpec,
-      # StagesSpec (schema.py), OfflineTeacherSpec (offline_teacher.py), CurriculumConfig (curriculum.py),
+      # DataConfig (jaxdistill/data/pipeline.py), DistillSpec (objective/spec.py), TrainSpec, CheckpointSpec,
+      # LogSpec, StagesSpec (schema.py), OfflineTeacherSpec (offline_teacher.py), CurriculumConfig (curriculum.py;
+      # its per-phase entries and their defaults from the loss components, objective/registry.py),
       # RouterConfig (router.py), OptimConfig (optim.py),
       # MonitorConfig (monitor.py), MeshSpec (parallel.py).
       "data": dataclasses.asdict(DataConfig()),
       "distill": dataclasses.asdict(DistillSpec()),
-      "curriculum": dataclasses.asdict(CurriculumConfig()),
+      "curriculum": curriculum_config().as_group(),
       "router": dataclasses.asdict(RouterConfig()),
       "optim": {k: v for k, v in dataclasses.asdict(OptimConfig()).items() if k != "total_steps"},
       "train": dataclasses.asdict(TrainSpec()),
@@ -85,10 +86,14 @@ def arch_group(family: str = "llama", vocab_size: int = 0, hidden_size: int = 64
                max_position_embeddings: int = 512, tie_word_embeddings: bool = True, num_experts: int = 0,
                num_experts_per_tok: int = 2, moe_intermediate_size: int = 0, norm_topk_prob: bool = True,
                decoder_sparse_step: int = 1, sliding_window: int = 0) -> ml_collections.ConfigDict:
-  """Architecture of a randomly initialised model (used when `name_or_path` is empty)."""
+  """Architecture of a randomly initialised model (used when `name_or_path` is empty).
+
+  The keys are ModelConfig field names; the family (models/families/) gives every other field transformers'
+  default for it and refuses values it cannot take.
+  """
   return ml_collections.ConfigDict({
-      "family": family,                        # llama | qwen2 | qwen3 | mistral | phi3 | gpt2 (dense) | qwen3_moe |
-                                               # mixtral (MoE)
+      "family": family,                        # a transformers model_type of models/families (SUPPORTED_FAMILIES;
+                                               # the README's Models table); MoE: qwen3_moe, mixtral
       "vocab_size": vocab_size,                # 0: the tokenizer's vocabulary size
       "hidden_size": hidden_size,
       "num_layers": num_layers,
@@ -103,8 +108,9 @@ def arch_group(family: str = "llama", vocab_size: int = 0, hidden_size: int = 64
       "moe_intermediate_size": moe_intermediate_size,  # width of each expert; 0: intermediate_size (always, mixtral)
       "norm_topk_prob": norm_topk_prob,        # renormalise the top-k router weights to sum to 1 (always, mixtral)
       "decoder_sparse_step": decoder_sparse_step,      # block i is sparse when (i + 1) % step == 0 (1, mixtral)
-      "sliding_window": sliding_window,        # mistral, mixtral, phi3: each query sees itself and the N - 1 keys
-                                               # before it; 0: full causal attention
+      "sliding_window": sliding_window,        # windowed families (Family.windowed): each query sees itself and
+                                               # the N - 1 keys before it, on every layer or on the family's
+                                               # windowed ones; 0: full causal attention
   })
 
 

@@ -1,50 +1,95 @@
-"""Step-indexed curriculum: the weight of every loss component and the KD temperature.
+"""Step-indexed curriculum: the weight of every curriculum entry and the KD temperature.
 
 Training is split into phases at fractions of the total optimizer steps (30% and 60% by default).
 Each curriculum entry lists one value per phase; at a boundary the value switches, or ramps
 linearly over `ramp_fraction` of training when that is positive. Everything is a pure function
 of an integer optimizer step, so train and eval at the same step see the same weights.
+
+The entries (`kd`, `lm`, `attention`, `feature`, ...) and their defaults are declared by the loss
+components that are weighted by them (`jaxdistill/objective/registry.py`); this module knows none
+of them by name: `objective.curriculum_config()` builds the default curriculum from the registry.
 """
 
 import dataclasses
 import math
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 
-# The loss components the curriculum weighs. The routing losses ride on `feature`.
-WEIGHTED = ("kd", "lm", "attention", "feature", "layerwise", "contrastive")
+from jaxdistill.errors import ConfigError
+
+Weights = tuple[tuple[str, tuple[float, ...]], ...]  # ((entry, one weight per phase), ...), hashable
 
 
 @dataclasses.dataclass(frozen=True)
 class CurriculumConfig:
-  """Per-phase values; defaults reproduce the seed run (three phases, boundaries at 30% and 60%)."""
-  boundaries: tuple[float, ...] = (0.3, 0.6)
-  alpha_kd: float = 1.0                                # multiplies every kd weight
-  kd: tuple[float, ...] = (0.7, 0.7, 0.7)
-  lm: tuple[float, ...] = (0.3, 0.3, 0.3)
-  attention: tuple[float, ...] = (0.0, 0.1, 0.1)
-  feature: tuple[float, ...] = (0.0, 0.1, 0.1)
-  layerwise: tuple[float, ...] = (0.0, 0.0, 0.05)
-  contrastive: tuple[float, ...] = (0.0, 0.0, 0.05)
+  """The `curriculum` group: the phases, the KD temperature per phase, and each entry's weight per phase.
+
+  `weights` may be given as a mapping; it is kept as sorted (entry, values) pairs so the config stays
+  hashable (a static jit argument). An entry that is 0 in every phase is off, whatever the number of
+  values it lists: it is stored with one 0 per phase, so a curriculum of another phase count need not
+  list the entries it leaves off.
+  """
+  boundaries: tuple[float, ...] = (0.3, 0.6)          # phase starts, as fractions of the optimizer steps
+  alpha_kd: float = 1.0                                # multiplies every kd weight (the kd component's scale)
   temperature: tuple[float, ...] = (2.0, 1.75, 1.5)   # KD temperature per phase
   ramp_fraction: float = 0.0                           # 0: switch at boundaries; > 0: linear ramp
+  weights: Weights | Mapping[str, tuple[float, ...]] = ()
 
-  def values(self, name: str) -> tuple[float, ...]:
-    scale = self.alpha_kd if name == "kd" else 1.0
-    return tuple(scale * v for v in getattr(self, name))
+  def __post_init__(self):
+    off = (0.0,) * self.phases
+    pairs = dict(self.weights).items()
+    weights = tuple(sorted((name, off if not any(values) else tuple(values)) for name, values in pairs))
+    object.__setattr__(self, "weights", weights)
 
-  def enabled(self, name: str) -> bool:
-    """False when a component's weight is 0 in every phase: it need not be computed at all."""
-    return any(v != 0 for v in self.values(name))
+  @property
+  def phases(self) -> int:
+    return len(self.boundaries) + 1
+
+  @property
+  def entries(self) -> tuple[str, ...]:
+    return tuple(name for name, _ in self.weights)
+
+  def values(self, entry: str) -> tuple[float, ...]:
+    """The per-phase weights of `entry`."""
+    return dict(self.weights)[entry]
+
+  def enabled(self, entry: str) -> bool:
+    """False when an entry's weight is 0 in every phase: nothing weighted by it need be computed."""
+    return any(v != 0 for v in self.values(entry))
+
+  def replace(self, **values) -> "CurriculumConfig":
+    """A copy with schedule fields (`boundaries`, `temperature`, ...) and entries (`kd=(...)`) replaced."""
+    fields = {f.name for f in dataclasses.fields(self)} - {"weights"}
+    unknown = sorted(set(values) - fields - set(self.entries))
+    if unknown:
+      raise ValueError(f"no curriculum field or entry {', '.join(unknown)}; entries: {', '.join(self.entries)}")
+    weights = {**dict(self.weights), **{k: v for k, v in values.items() if k not in fields}}
+    return dataclasses.replace(self, **{k: v for k, v in values.items() if k in fields}, weights=weights)
+
+  def as_group(self) -> dict:
+    """The fields as the config file writes them: `curriculum.kd`, `curriculum.boundaries`, ..."""
+    group = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "weights"}
+    return {**group, **dict(self.weights)}
 
 
-def lm_only(cfg: CurriculumConfig) -> CurriculumConfig:
-  """The curriculum of plain LM training: `lm` weighs 1 in every phase, every other component 0."""
-  phases = len(cfg.boundaries) + 1
-  zeros = (0.0,) * phases
-  return dataclasses.replace(cfg, alpha_kd=1.0, kd=zeros, lm=(1.0,) * phases, attention=zeros, feature=zeros,
-                             layerwise=zeros, contrastive=zeros, ramp_fraction=0.0)
+def check(cfg: CurriculumConfig) -> None:
+  """Raises ConfigError naming the first field of `cfg` that is not allowed (`curriculum.<field>`)."""
+  if list(cfg.boundaries) != sorted(set(cfg.boundaries)) or not all(0 < b < 1 for b in cfg.boundaries):
+    raise ConfigError("curriculum.boundaries", cfg.boundaries, "increasing fractions strictly between 0 and 1")
+  for name, values in cfg.weights + (("temperature", cfg.temperature),):
+    if len(values) != cfg.phases:
+      raise ConfigError(f"curriculum.{name}", values, f"{cfg.phases} values, one per phase "
+                        f"(boundaries={cfg.boundaries})")
+    if any(v < 0 for v in values):
+      raise ConfigError(f"curriculum.{name}", values, "values >= 0")
+  if any(t <= 0 for t in cfg.temperature):
+    raise ConfigError("curriculum.temperature", cfg.temperature, "values > 0")
+  if cfg.alpha_kd < 0:
+    raise ConfigError("curriculum.alpha_kd", cfg.alpha_kd, "a number >= 0")
+  if not 0 <= cfg.ramp_fraction < 1:
+    raise ConfigError("curriculum.ramp_fraction", cfg.ramp_fraction, "a number in [0, 1)")
 
 
 def boundary_steps(total_steps: int, cfg: CurriculumConfig) -> tuple[int, ...]:
@@ -72,8 +117,8 @@ def _scheduled(values: tuple[float, ...], step: jax.Array, total_steps: int, cfg
 
 
 def curriculum_weights(step: jax.Array, total_steps: int, cfg: CurriculumConfig) -> dict[str, jax.Array]:
-  """Weight of each component in `WEIGHTED` at optimizer step `step` (pure, jit-able)."""
-  return {name: _scheduled(cfg.values(name), step, total_steps, cfg) for name in WEIGHTED}
+  """Weight of each curriculum entry at optimizer step `step` (pure, jit-able), before any component's scale."""
+  return {name: _scheduled(values, step, total_steps, cfg) for name, values in cfg.weights}
 
 
 def temperature(step: jax.Array, total_steps: int, cfg: CurriculumConfig) -> jax.Array:
@@ -84,23 +129,3 @@ def temperature(step: jax.Array, total_steps: int, cfg: CurriculumConfig) -> jax
 def progress(step: jax.Array, total_steps: int) -> jax.Array:
   """Fraction of training done, in [0, 1]."""
   return jnp.clip(jnp.asarray(step, jnp.float32) / max(total_steps, 1), 0.0, 1.0)
-
-
-def problem(cfg: CurriculumConfig) -> tuple[str, str] | None:
-  """(field, what is allowed) for the first invalid field of `cfg`, or None."""
-  phases = len(cfg.boundaries) + 1
-  if list(cfg.boundaries) != sorted(set(cfg.boundaries)) or not all(0 < b < 1 for b in cfg.boundaries):
-    return "boundaries", "increasing fractions strictly between 0 and 1"
-  for name in WEIGHTED + ("temperature",):
-    values = getattr(cfg, name)
-    if len(values) != phases:
-      return name, f"{phases} values, one per phase (boundaries={cfg.boundaries})"
-    if any(v < 0 for v in values):
-      return name, "values >= 0"
-  if any(t <= 0 for t in cfg.temperature):
-    return "temperature", "values > 0"
-  if cfg.alpha_kd < 0:
-    return "alpha_kd", "a number >= 0"
-  if not 0 <= cfg.ramp_fraction < 1:
-    return "ramp_fraction", "a number in [0, 1)"
-  return None

@@ -71,13 +71,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def _user_groups(cfg: Config) -> dict:
   """`cfg` as JSON-able groups under the names of the config file (`distill`, `curriculum`, `router`)."""
-  tree = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples become lists, as they are saved
-  objective = tree.pop("objective")
-  tree["curriculum"], tree["router"] = objective.pop("curriculum"), objective.pop("router")
-  tree["offline_teacher"]["top_k"] = objective.pop("offline_top_k")
-  del objective["total_steps"], tree["optim"]["total_steps"]  # derived from train.* and the data
-  tree["distill"] = objective
-  return tree
+  objective = cfg.objective
+  tree = dataclasses.asdict(dataclasses.replace(cfg, objective=None))
+  tree.update(distill=dataclasses.asdict(objective.distill), curriculum=objective.curriculum.as_group(),
+              router=dataclasses.asdict(objective.router))
+  tree["offline_teacher"]["top_k"] = objective.offline_top_k
+  # The rest of the objective derives from the groups above, the mode, the tokenizers and the data.
+  del tree["objective"], tree["optim"]["total_steps"]
+  return json.loads(json.dumps(tree))  # tuples become lists, as they are saved
 
 
 def state_digest(abstract_state) -> str:

@@ -145,10 +145,3 @@ class MetricWriter:
     self._file.close()
     if self._tb is not None:
       self._tb.close()
-
-
-def read_records(path: str) -> Iterable[dict]:
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        yield json.loads(line)

@@ -11,6 +11,7 @@ import math
 import re
 
 from jaxdistill.errors import JaxDistillError
+from jaxdistill.objective import REGISTRY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,5 +125,11 @@ def out_of_memory_message(error: Exception, batch_size: int, seq_len: int, accum
   return (f"out of device memory{amount} at micro-batch {batch_size} x {seq_len} tokens. Lower "
           f"data.batch_size (raise optim.accumulation_steps={accumulation} to keep the tokens per step), "
           f"data.seq_len or distill.chunk_size; use bfloat16/float16 compute (student.dtype, teacher.dtype) "
-          f"or a bfloat16 teacher (teacher.param_dtype); or switch off the attention and router losses "
-          f"(curriculum.attention, curriculum.feature).")
+          f"or a bfloat16 teacher (teacher.param_dtype); or switch off the losses that read attention maps or "
+          f"expert outputs ({', '.join(_map_entries())}).")
+
+
+def _map_entries() -> list[str]:
+  """The curriculum entries of the components that read attention rows or experts' outputs (registry order)."""
+  entries = [f"curriculum.{c.entry.name}" for c in REGISTRY if c.needs.attention or c.needs.experts]
+  return list(dict.fromkeys(entries))

@@ -8,8 +8,8 @@ With `offline_teacher.top_k = K > 0`, the teacher's contribution to every train 
   lse         [L, P]  logsumexp_v(z_v / T_p) - max_v z_v / T_p for each curriculum phase's temperature T_p
                       (float32), so the teacher's probabilities at T_p are exact on the K tokens and so
                       is the mass of the rest
-  hidden      [L, M, D]  the teacher hidden states the layerwise loss maps to (when it is enabled)
-  pooled      [D]     the teacher's mean-pooled final state for the contrastive loss (when enabled)
+  ...                 and what each enabled component keeps besides (its registry `record`: the layerwise
+                      loss's teacher states `hidden` [L, M, D], the contrastive loss's pooled state `pooled` [D])
 
 The record is made from the live teacher the first time a row is seen (epoch 1), written to disk
 (`OfflineTeacher`), and read back in later epochs instead of running the teacher. Training always
@@ -20,7 +20,8 @@ kd from a record compares the two models over the K tokens plus one outcome hold
 mass (`losses.sparse_log_probs` 'other_bucket'): a lower bound of the full-vocabulary KL, equal to it
 when the teacher's tail holds no mass, and exactly the live loss when `distill.kd_top_k` <= K (the
 live top-k kd then reads the same tokens). Attention maps and expert outputs are too large to keep
-per token: the attention and router losses cannot run from records.
+per token: a component that reads them is declared `records=False` in the registry, and a non-zero
+weight for it with records is a ConfigError (`objective.ResolvedObjective`).
 """
 
 import dataclasses
@@ -48,33 +49,6 @@ class OfflineTeacherSpec:
   dir: str = ""                   # where records are kept; '': WORKDIR/offline_teacher
 
 
-def problem(objective, top_k: int) -> tuple[str, object, str] | None:
-  """(field, value, what is allowed) of the first setting records cannot serve, or None."""
-  cur = objective.curriculum
-  for component in ("attention", "feature"):
-    if cur.enabled(component):
-      return (f"curriculum.{component}", getattr(cur, component), f"0 in every phase with offline_teacher.top_k="
-              f"{top_k} (attention maps and expert outputs are not kept offline; set offline_teacher.top_k=0)")
-  if cur.ramp_fraction > 0 and len(set(cur.temperature)) > 1:
-    return ("curriculum.ramp_fraction", cur.ramp_fraction, "0 with offline_teacher.top_k > 0 and temperatures that "
-            "differ by phase (records keep the normaliser of each phase's temperature, not of the ramp's)")
-  if objective.kd_top_k > top_k:
-    return ("distill.kd_top_k", objective.kd_top_k, f"at most offline_teacher.top_k={top_k}")
-  return None
-
-
-def check(objective, top_k: int) -> None:
-  """Raises ConfigError when `problem` finds one."""
-  found = problem(objective, top_k)
-  if found:
-    raise ConfigError(*found)
-
-
-def hidden_layers(cfg) -> tuple[int, ...]:
-  """Teacher hidden_states indices a record keeps: those the layerwise loss maps to (() when it is off)."""
-  return tuple(sorted({t for _, t in cfg.layer_map})) if cfg.enabled("layerwise") else ()
-
-
 def record_from_output(teacher_out, teacher_mask_BxL, cfg, vocab: int) -> dict[str, jax.Array]:
   """A batch's records from a live teacher output (see the module docstring); `vocab`: the shared ids."""
   logits_BxLxV = teacher_out.logits_BxLxV[..., :vocab]
@@ -88,25 +62,23 @@ def record_from_output(teacher_out, teacher_mask_BxL, cfg, vocab: int) -> dict[s
     lse_NxP = jax.vmap(lambda t: jax.nn.logsumexp((z_NxV - z_max_Nx1) / t, axis=-1), out_axes=-1)(temperatures)
     return (top_NxK - z_max_Nx1).astype(dtype), ids_NxK.astype(jnp.int32), lse_NxP
 
-  top_BxLxK, ids_BxLxK, lse_BxLxP = losses.token_chunks(per_token, (logits_BxLxV,), cfg.chunk_size)
+  top_BxLxK, ids_BxLxK, lse_BxLxP = losses.token_chunks(per_token, (logits_BxLxV,), cfg.distill.chunk_size)
   record = {"topk_logits": top_BxLxK, "topk_ids": ids_BxLxK, "lse": lse_BxLxP}
-  layers = hidden_layers(cfg)
-  if layers:
-    record["hidden"] = jnp.stack([teacher_out.hidden_states[t] for t in layers], axis=2)
-  if cfg.enabled("contrastive"):
-    record["pooled"] = losses.masked_mean_pool(teacher_out.hidden_states[-1], teacher_mask_BxL)
+  for part in _parts(cfg):
+    record.update(part.arrays(teacher_out, teacher_mask_BxL, cfg))
   return jax.lax.stop_gradient(record)
 
 
-def _needs_states(cfg) -> bool:
-  return bool(hidden_layers(cfg)) or cfg.enabled("contrastive")
+def _parts(cfg) -> list:
+  """The `RecordPart`s of the enabled components (what records keep besides the top-k logits)."""
+  return [c.record for c in cfg.components() if c.record is not None]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "student", "teacher"))
 def compute_records(teacher_params, batch, *, cfg, student: ModelConfig, teacher: ModelConfig):
   """The live teacher on a batch, reduced to its records: the only teacher work of a step in epoch 1."""
   out = forward(teacher_params, teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"],
-                output_hidden_states=_needs_states(cfg), right_padded=True)
+                output_hidden_states=cfg.needs_teacher_states, right_padded=True)
   return record_from_output(out, batch["teacher_attention_mask"], cfg, min(student.vocab_size, teacher.vocab_size))
 
 
@@ -119,27 +91,22 @@ def kd_loss(student_logits_BxLxV: jax.Array, record: dict, mask_BxL: jax.Array, 
   live loss's tail rule; otherwise the rest of each distribution is one more outcome.
   """
   temperature = jnp.asarray(temperature, jnp.float32)
+  d = cfg.distill
   phase = curriculum.phase(opt_step, cfg.total_steps, cfg.curriculum)
   lse_BxL = jnp.take(record["lse"], phase, axis=-1)
-  kept = cfg.kd_top_k or cfg.offline_top_k
-  tail = cfg.kd_topk_tail if cfg.kd_top_k else "other_bucket"
+  kept = d.kd_top_k or cfg.offline_top_k
+  tail = d.kd_topk_tail if d.kd_top_k else "other_bucket"
 
   def per_token(student_NxV, top_NxK, ids_NxK, lse_N):
     log_q_NxV = jax.nn.log_softmax(student_NxV.astype(jnp.float32) / temperature, axis=-1)
     log_q = jnp.take_along_axis(log_q_NxV, ids_NxK[:, :kept], axis=-1)
     log_p = top_NxK[:, :kept].astype(jnp.float32) / temperature - lse_N[:, None]
     log_p, log_q = losses.sparse_log_probs(log_p, log_q, tail)
-    return losses.divergence(log_p, log_q, cfg.kd_mode, cfg.jsd_beta)
+    return losses.divergence(log_p, log_q, d.kd_mode, d.jsd_beta)
 
   per_token_BxL = losses.token_chunks(per_token, (student_logits_BxLxV, record["topk_logits"], record["topk_ids"],
-                                                  lse_BxL), cfg.chunk_size)
+                                                  lse_BxL), d.chunk_size)
   return temperature ** 2 * losses.masked_mean(per_token_BxL, mask_BxL)
-
-
-def layer_targets(record: dict, cfg) -> list[jax.Array]:
-  """The teacher states of `cfg.layer_map`'s pairs, in its order, from a record's `hidden`."""
-  index = {t: i for i, t in enumerate(hidden_layers(cfg))}
-  return [record["hidden"][:, :, index[t]] for _, t in cfg.layer_map]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,11 +117,8 @@ def layout(cfg, teacher: ModelConfig, seq_len: int, vocab: int) -> dict[str, tup
   k, dtype = cfg.offline_top_k, teacher.dtype
   arrays = {"topk_logits": (dtype, (seq_len, k)), "topk_ids": ("uint16" if vocab <= 2 ** 16 else "int32", (seq_len, k)),
             "lse": ("float32", (seq_len, len(cfg.curriculum.temperature)))}
-  layers = hidden_layers(cfg)
-  if layers:
-    arrays["hidden"] = (dtype, (seq_len, len(layers), teacher.hidden_size))
-  if cfg.enabled("contrastive"):
-    arrays["pooled"] = ("float32", (teacher.hidden_size,))
+  for part in _parts(cfg):
+    arrays.update(part.layout(cfg, teacher, seq_len))
   return arrays
 
 

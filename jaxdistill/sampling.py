@@ -63,25 +63,6 @@ def sampled_token(logits_BxV: jax.Array, rng: jax.Array, temperature, top_p, top
   return jax.random.categorical(rng, filtered_BxV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("temperature",))
-def next_token(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top_p=1.0, top_k=0) -> jax.Array:
-  """The next token of each row: greedy when `temperature` == 0, else sampled (see `sampled_token`).
-
-  Args:
-    logits_BxV: next-token logits, any float dtype (computed in float32).
-    rng: a PRNG key; unused when greedy.
-    temperature: a Python float (static): 0 means argmax, > 0 divides the logits before sampling.
-    top_p: nucleus mass in (0, 1]; 1 disables it.
-    top_k: keep only the k most probable tokens; 0 disables it.
-
-  Returns:
-    ids_B: int32 token ids.
-  """
-  if temperature == 0:
-    return greedy_token(logits_BxV)
-  return sampled_token(logits_BxV, rng, temperature, top_p, top_k)
-
-
 def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Prompts of different lengths as `(ids_BxP, mask_BxP)`, left-padded so every prompt ends at column P-1."""
   if not token_lists or min(len(tokens) for tokens in token_lists) == 0:

@@ -11,17 +11,15 @@ from typing import Sequence
 import ml_collections
 
 from jaxdistill.cross_vocab import CROSS_VOCAB_KD
-from jaxdistill.curriculum import CurriculumConfig, lm_only
-from jaxdistill.curriculum import problem as curriculum_problem
+from jaxdistill.curriculum import CurriculumConfig
 from jaxdistill.data.pipeline import DataConfig
 from jaxdistill.errors import ConfigError
 from jaxdistill.losses import HIDDEN_DISTANCES, KD_MODES, TOPK_TAILS
-from jaxdistill.models.config import (ATTENTION_IMPLEMENTATIONS, DTYPES, MOE_FAMILIES, REMAT_POLICIES, SUPPORTED_FAMILIES,
-                                      WINDOWED_FAMILIES, ModelConfig, RopeConfig)
+from jaxdistill.models import families
+from jaxdistill.models.config import ATTENTION_IMPLEMENTATIONS, DTYPES, REMAT_POLICIES, ModelConfig
 from jaxdistill.monitor import MonitorConfig
 from jaxdistill.offline_teacher import OfflineTeacherSpec
-from jaxdistill.offline_teacher import check as check_offline
-from jaxdistill.objective import COMPONENTS, ObjectiveConfig
+from jaxdistill.objective import COMPONENTS, ENTRIES, DistillSpec, ResolvedObjective
 from jaxdistill.optim import OptimConfig, check_warmup
 from jaxdistill.parallel import MeshSpec, check_spec
 from jaxdistill.router import EXPERT_SOURCES, RouterConfig
@@ -32,62 +30,32 @@ LM_EVAL_METRICS = ("student_lm_loss", "loss", "raw/lm")   # those a run without 
 MODES = ("distill", "lm")   # distill: teacher -> student; lm: plain LM training of `student`, no teacher
 
 
-@dataclasses.dataclass(frozen=True)
-class ArchSpec:
-  family: str
-  vocab_size: int
-  hidden_size: int
-  num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  intermediate_size: int
-  max_position_embeddings: int
-  tie_word_embeddings: bool
-  # Mixture of experts, read by the MoE families only (see `config.arch_group`).
-  num_experts: int = 0               # 0: dense
-  num_experts_per_tok: int = 2
-  moe_intermediate_size: int = 0     # 0: intermediate_size
-  norm_topk_prob: bool = True
-  decoder_sparse_step: int = 1
-  sliding_window: int = 0            # WINDOWED_FAMILIES only; 0: full causal attention
+# The arch group's fields (`config.arch_group`) that may be 0, and what 0 means: the tokenizer's vocabulary, a dense
+# model, experts as wide as intermediate_size, full causal attention. Every other int field is >= 1.
+ARCH_ZERO_FIELDS = ("vocab_size", "num_experts", "moe_intermediate_size", "sliding_window")
 
-  def model_config(self, vocab_size: int, param_dtype: str, dtype: str) -> ModelConfig:
-    """The architecture with the family's transformers defaults for everything not sized here."""
-    vocab = self.vocab_size or vocab_size
-    if self.family == "gpt2":
-      return ModelConfig(
-          family="gpt2", vocab_size=vocab, hidden_size=self.hidden_size, num_layers=self.num_layers,
-          num_heads=self.num_heads, num_kv_heads=self.num_heads, head_dim=self.hidden_size // self.num_heads,
-          intermediate_size=self.intermediate_size, max_position_embeddings=self.max_position_embeddings,
-          norm="layer", norm_eps=1e-5, activation="gelu_new", gated_mlp=False, rope=None, qkv_bias=True,
-          o_bias=True, mlp_bias=True, tie_word_embeddings=self.tie_word_embeddings,
-          param_dtype=param_dtype, dtype=dtype)
-    mixtral = self.family == "mixtral"  # transformers' MixtralConfig: rms_norm_eps 1e-5, rope_theta 1e6
-    eps = 1e-5 if self.family in ("mixtral", "phi3") else 1e-6  # and Phi3Config's rms_norm_eps
-    return ModelConfig(
-        family=self.family, vocab_size=vocab, hidden_size=self.hidden_size, num_layers=self.num_layers,
-        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.hidden_size // self.num_heads,
-        intermediate_size=self.intermediate_size, max_position_embeddings=self.max_position_embeddings,
-        norm="rms", norm_eps=eps, activation="silu", gated_mlp=True,
-        rope=RopeConfig(theta=1e6 if mixtral else 10000.0), qkv_bias=self.family == "qwen2",
-        qk_norm=self.family in ("qwen3", "qwen3_moe"), tie_word_embeddings=self.tie_word_embeddings,
-        sliding_window=self.sliding_window,
-        param_dtype=param_dtype, dtype=dtype, **self._expert_fields())
 
-  def _expert_fields(self) -> dict:
-    """ModelConfig's expert fields: none for the dense families (their MoE settings are ignored)."""
-    if self.family not in MOE_FAMILIES:
-      return {}
-    return dict(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
-                moe_intermediate_size=self.moe_intermediate_size or self.intermediate_size,
-                norm_topk_prob=self.norm_topk_prob, decoder_sparse_step=self.decoder_sparse_step)
+class ArchGroup(dict):
+  """The arch group as written: a read-only dict, so that Config stays hashable (a static jit argument) while
+  fingerprints and the teacher cache key still see the group's own fields (`student.arch.hidden_size`)."""
+
+  def __hash__(self):
+    return hash(tuple(sorted(self.items())))
+
+  def __reduce__(self):  # copy and pickle rebuild it whole instead of setting items one by one
+    return type(self), (dict(self),)
+
+  def _read_only(self, *args, **kwargs):
+    raise TypeError("an arch group is read-only; build another")
+
+  __setitem__ = __delitem__ = update = setdefault = pop = popitem = clear = __ior__ = _read_only
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   name_or_path: str
   revision: str
-  arch: ArchSpec | None   # set when name_or_path is empty
+  arch: ArchGroup | None  # set when name_or_path is empty: the arch group as written (ModelConfig field names)
   param_dtype: str
   dtype: str
   remat: str = "none"     # REMAT_POLICIES
@@ -99,6 +67,11 @@ class ModelSpec:
     """The fields that change how the model runs, not its weights (models/config.py RUNTIME_FIELDS)."""
     return dict(remat=self.remat, attention=self.attention, attention_block=self.attention_block,
                 scan_layers=self.scan_layers)
+
+  def model_config(self, vocab_size: int) -> ModelConfig:
+    """The random model `arch` describes, at this spec's dtypes and runtime; `vocab_size` unless arch sets one."""
+    arch = families.from_arch({**self.arch, "vocab_size": self.arch["vocab_size"] or vocab_size})
+    return dataclasses.replace(arch, param_dtype=self.param_dtype, dtype=self.dtype, **self.runtime())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,28 +111,6 @@ class LogSpec:
 
 
 @dataclasses.dataclass(frozen=True)
-class DistillSpec:
-  """The `distill` group: how each loss is computed (its weight comes from the curriculum)."""
-  kd_mode: str = "forward_kl"           # forward_kl | reverse_kl | jsd
-  jsd_beta: float = 0.5                 # beta of the generalised JSD in [0, 1] (TRL's): 0 forward KL(teacher ||
-                                        # student), 1 reverse KL(student || teacher), between: the JSD mixture
-  kd_top_k: int = 0                     # KD over the teacher's top-k tokens; 0: full vocabulary
-  kd_topk_tail: str = "renormalize"     # renormalize | other_bucket
-  chunk_size: int = 512                 # tokens per float32 chunk in kd/lm; 0: no chunking
-  cross_vocab_kd: str = "prefix"        # two tokenizers: prefix (teacher mass to the student token starting the
-                                        # same text) | uld (shared tokens exact + ULD on the rest); cross_vocab.py
-  uld_top_k: int = 128                  # two tokenizers: ranks of the vocabulary-free part of kd (uld)
-  fill_unaligned: bool = True           # two tokenizers: kd at student positions with no aligned teacher position is
-                                        # KL to the data's next token, so they keep kd's weight
-  label_smoothing: float = 0.0          # of the lm cross-entropy, in [0, 1)
-  attention_pairs: tuple = ()           # ((student block, teacher block), ...); (): the last blocks
-  layer_map: tuple = ()                 # ((student, teacher) hidden_states index, ...); (): uniform
-  hidden_distance: str = "nmse"         # nmse | cosine
-  contrastive_temperature: float = 0.07
-  expert_layers: tuple = ()             # teacher hidden_states indices the router mixes; (): evenly spaced
-
-
-@dataclasses.dataclass(frozen=True)
 class StagesSpec:
   """The `stages` group: a teacher trained before the distillation and a baseline after it."""
   teacher_steps: int = 0                # > 0: first train the random-arch teacher by plain LM for this many
@@ -180,7 +131,7 @@ class Config:
   tokenizer: str      # HF id/dir, or 'byte'; '' uses the student's checkpoint
   teacher_tokenizer: str  # the teacher's where it differs; '' uses the teacher checkpoint's (or `tokenizer`)
   data: DataConfig
-  objective: ObjectiveConfig   # layer pairs unresolved and total_steps 0 until the data is known
+  objective: ResolvedObjective  # layer pairs unresolved and total_steps 0 until the run is built
   optim: OptimConfig
   train: TrainSpec
   checkpoint: CheckpointSpec
@@ -216,56 +167,32 @@ def _positive_int(node, field: str, where: str, minimum: int = 1) -> int:
   return value
 
 
-def _arch(node, where: str) -> ArchSpec:
-  family = _choice(node, "family", where, SUPPORTED_FAMILIES)
-  spec = ArchSpec(
-      family=family,
-      vocab_size=_positive_int(node, "vocab_size", where, minimum=0),
-      hidden_size=_positive_int(node, "hidden_size", where),
-      num_layers=_positive_int(node, "num_layers", where),
-      num_heads=_positive_int(node, "num_heads", where),
-      num_kv_heads=_positive_int(node, "num_kv_heads", where),
-      intermediate_size=_positive_int(node, "intermediate_size", where),
-      max_position_embeddings=_positive_int(node, "max_position_embeddings", where),
-      tie_word_embeddings=bool(_get(node, "tie_word_embeddings", where)),
-      num_experts=_positive_int(node, "num_experts", where, minimum=0),
-      num_experts_per_tok=_positive_int(node, "num_experts_per_tok", where),
-      moe_intermediate_size=_positive_int(node, "moe_intermediate_size", where, minimum=0),
-      norm_topk_prob=bool(_get(node, "norm_topk_prob", where)),
-      decoder_sparse_step=_positive_int(node, "decoder_sparse_step", where),
-      sliding_window=_positive_int(node, "sliding_window", where, minimum=0))
-  _check(spec.sliding_window == 0 or family in WINDOWED_FAMILIES, where, "sliding_window", spec.sliding_window,
-         f"0 for family {family} (sliding windows: {', '.join(WINDOWED_FAMILIES)})")
-  if spec.hidden_size % spec.num_heads:
-    raise ConfigError(f"{where}.num_heads", spec.num_heads, f"a divisor of hidden_size={spec.hidden_size}")
-  if family != "gpt2" and spec.num_heads % spec.num_kv_heads:
-    raise ConfigError(f"{where}.num_kv_heads", spec.num_kv_heads, f"a divisor of num_heads={spec.num_heads}")
-  if family != "gpt2" and (spec.hidden_size // spec.num_heads) % 2:
-    raise ConfigError(f"{where}.num_heads", spec.num_heads, "a value giving an even head_dim (rotary embeddings)")
-  _arch_experts(spec, where)
-  return spec
+def _arch(node, where: str) -> ArchGroup:
+  """The arch group as written, once its types and ranges, and the family's own rules (`families.from_arch`), hold.
 
-
-def _arch_experts(spec: ArchSpec, where: str) -> None:
-  """Experts for the MoE families only, in settings transformers builds (Mixtral: every block, renormalised)."""
-  family = spec.family
-  if family not in MOE_FAMILIES:
-    _check(spec.num_experts == 0, where, "num_experts", spec.num_experts,
-           f"0 for the dense family {family} (experts need family {' or '.join(MOE_FAMILIES)})")
-    return
-  _check(spec.num_experts >= 1, where, "num_experts", spec.num_experts, f"an integer >= 1 for the MoE family {family}")
-  _check(spec.num_experts_per_tok <= spec.num_experts, where, "num_experts_per_tok", spec.num_experts_per_tok,
-         f"an integer in 1..num_experts={spec.num_experts}")
-  _check(spec.decoder_sparse_step <= spec.num_layers, where, "decoder_sparse_step", spec.decoder_sparse_step,
-         f"an integer in 1..num_layers={spec.num_layers} (a larger step leaves no sparse block)")
-  if family == "mixtral":
-    _check(spec.norm_topk_prob, where, "norm_topk_prob", spec.norm_topk_prob,
-           "True for mixtral (it always renormalises its top-k router weights)")
-    _check(spec.decoder_sparse_step == 1, where, "decoder_sparse_step", spec.decoder_sparse_step,
-           "1 for mixtral (every block is sparse)")
-    _check(spec.moe_intermediate_size in (0, spec.intermediate_size), where, "moe_intermediate_size",
-           spec.moe_intermediate_size,
-           f"0 or intermediate_size={spec.intermediate_size} for mixtral (its experts are intermediate_size wide)")
+  Its keys are ModelConfig field names: each is read by its ModelConfig type. What a family cannot take
+  (experts, windows, head sizes) is the family's to refuse.
+  """
+  types = {field.name: field.type for field in dataclasses.fields(ModelConfig)}
+  arch = {"family": _choice(node, "family", where, families.SUPPORTED_FAMILIES)}
+  for key in node.keys():
+    _check(key in types, where, key, node[key], "not a field here: the arch group holds ModelConfig fields")
+    if types[key] is bool:
+      arch[key] = _flag(node, key, where)
+    elif types[key] is int:
+      arch[key] = _positive_int(node, key, where, minimum=0 if key in ARCH_ZERO_FIELDS else 1)
+    elif types[key] is float:
+      value = _get(node, key, where)
+      _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, where, key, value,
+             "a number >= 0")
+      arch[key] = float(value)
+    elif key != "family":
+      arch[key] = _get(node, key, where)
+  try:
+    families.from_arch(arch, where)
+  except KeyError as e:  # a field the family reads that the group lacks
+    raise ConfigError(_name(where, e.args[0]), None, "the field is required") from None
+  return ArchGroup(arch)
 
 
 def _model(node, where: str) -> ModelSpec:
@@ -327,7 +254,8 @@ def _pairs_ok(value) -> bool:
   return all(isinstance(p, tuple) and len(p) == 2 and all(isinstance(i, int) and i >= 0 for i in p) for p in value)
 
 
-def _objective(cfg, total_steps: int, mode: str) -> ObjectiveConfig:
+def _objective(cfg, total_steps: int, mode: str, offline_top_k: int) -> ResolvedObjective:
+  """The objective of the config's `distill`, `curriculum` and `router` groups, in the config's teacher mode."""
   d = _group(_get(cfg, "distill", ""), DistillSpec, "distill")
   _check(d["kd_mode"] in KD_MODES, "distill", "kd_mode", d["kd_mode"], f"one of {', '.join(KD_MODES)}")
   _check(d["kd_topk_tail"] in TOPK_TAILS, "distill", "kd_topk_tail", d["kd_topk_tail"],
@@ -349,15 +277,6 @@ def _objective(cfg, total_steps: int, mode: str) -> ObjectiveConfig:
   _check(all(isinstance(e, int) and e >= 1 for e in d["expert_layers"]), "distill", "expert_layers",
          d["expert_layers"], "a tuple of teacher hidden_states indices >= 1")
 
-  c = CurriculumConfig(**_group(_get(cfg, "curriculum", ""), CurriculumConfig, "curriculum"))
-  problem = curriculum_problem(c)
-  if problem:
-    field, allowed = problem
-    raise ConfigError(f"curriculum.{field}", getattr(c, field), allowed)
-
-  if mode == "lm":
-    c = lm_only(c)
-
   r = RouterConfig(**_group(_get(cfg, "router", ""), RouterConfig, "router"))
   _check(r.experts in EXPERT_SOURCES, "router", "experts", r.experts, f"one of {', '.join(EXPERT_SOURCES)}")
   _check(r.moe_layer >= -1, "router", "moe_layer", r.moe_layer, "-1 (the last sparse block) or a block index >= 0")
@@ -373,13 +292,23 @@ def _objective(cfg, total_steps: int, mode: str) -> ObjectiveConfig:
     _check(len(d["expert_layers"]) == r.num_experts, "distill", "expert_layers", d["expert_layers"],
            f"router.num_experts={r.num_experts} layer indices")
 
-  return ObjectiveConfig(
-      total_steps=total_steps, curriculum=c, router=r, kd_mode=d["kd_mode"], jsd_beta=d["jsd_beta"],
-      kd_top_k=d["kd_top_k"], kd_topk_tail=d["kd_topk_tail"], chunk_size=d["chunk_size"],
-      cross_vocab_kd=d["cross_vocab_kd"], uld_top_k=d["uld_top_k"], fill_unaligned=d["fill_unaligned"],
-      label_smoothing=d["label_smoothing"], attention_pairs=d["attention_pairs"], layer_map=d["layer_map"],
-      hidden_distance=d["hidden_distance"], contrastive_temperature=d["contrastive_temperature"],
-      expert_layers=d["expert_layers"])
+  # Built whole, the objective checks the curriculum and that its teacher mode serves every enabled component.
+  objective = ResolvedObjective(distill=DistillSpec(**d), curriculum=_curriculum(cfg), router=r,
+                                total_steps=total_steps, teacher="records" if offline_top_k else "live",
+                                offline_top_k=offline_top_k)
+  return objective.plain_lm() if mode == "lm" else objective
+
+
+def _curriculum(cfg) -> CurriculumConfig:
+  """The `curriculum` group: the schedule fields, and one tuple per registry entry (`curriculum.kd`, ...)."""
+  node = _get(cfg, "curriculum", "")
+  weights = {}
+  for entry in ENTRIES:
+    values = _tuplify(_get(node, entry.name, "curriculum"))
+    _check(isinstance(values, tuple) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values),
+           "curriculum", entry.name, values, "a tuple of numbers, one weight per phase")
+    weights[entry.name] = values
+  return CurriculumConfig(**_group(node, CurriculumConfig, "curriculum", derived=("weights",)), weights=weights)
 
 
 def _optim(cfg) -> OptimConfig:
@@ -410,10 +339,7 @@ def parse(cfg: ml_collections.ConfigDict) -> Config:
   mode = _choice(cfg, "mode", "", MODES)
   teacher = _model(_get(cfg, "teacher", ""), "teacher")
   offline = _offline(cfg, mode)
-  objective = _objective(cfg, optim.total_steps, mode)
-  if offline.top_k:
-    check_offline(objective, offline.top_k)
-    objective = dataclasses.replace(objective, offline_top_k=offline.top_k)
+  objective = _objective(cfg, optim.total_steps, mode, offline.top_k)
   data = _data(cfg)
   _check_positions(student, teacher if mode == "distill" else None, data)
   train = _train(cfg, mode)
@@ -433,7 +359,7 @@ def parse(cfg: ml_collections.ConfigDict) -> Config:
       checkpoint=_positive_ints(cfg, "checkpoint", CheckpointSpec),
       log=_positive_ints(cfg, "log", LogSpec),
       monitor=_monitor(cfg),
-      debug=_debug(cfg, mode),
+      debug=_debug(cfg, objective),
       stages=stages,
       offline_teacher=offline,
       mesh=_mesh(cfg))
@@ -451,8 +377,8 @@ def _check_positions(student: ModelSpec, teacher: ModelSpec | None, data: DataCo
   teacher_field = "data.teacher_seq_len" if data.teacher_seq_len else "data.seq_len"
   for where, spec, field, length in (("student", student, "data.seq_len", data.seq_len),
                                      ("teacher", teacher, teacher_field, data.teacher_len)):
-    if spec is not None and spec.arch is not None and spec.arch.max_position_embeddings < length:
-      raise ConfigError(f"{where}.arch.max_position_embeddings", spec.arch.max_position_embeddings,
+    if spec is not None and spec.arch is not None and spec.arch["max_position_embeddings"] < length:
+      raise ConfigError(f"{where}.arch.max_position_embeddings", spec.arch["max_position_embeddings"],
                         f"an integer >= {field}={length}, the tokens the {where} reads per sequence (or lower {field})")
 
 
@@ -486,9 +412,10 @@ def _stages(cfg, mode: str, teacher: ModelSpec) -> StagesSpec:
   return s
 
 
-def _debug(cfg, mode: str) -> DebugSpec:
+def _debug(cfg, objective: ResolvedObjective) -> DebugSpec:
   d = DebugSpec(**_group(_get(cfg, "debug", ""), DebugSpec, "debug"))
-  allowed = ("lm",) if mode == "lm" else COMPONENTS  # only computed components can be drilled
+  # Only computed components can be drilled: without a teacher, those plain LM training weighs.
+  allowed = COMPONENTS if objective.teacher != "none" else tuple(c.name for c in objective.components())
   _check(d.inject_nonfinite in ("",) + allowed, "debug", "inject_nonfinite", d.inject_nonfinite,
          f"'' or one of {', '.join(allowed)}")
   _check(d.inject_every >= 0 and (d.inject_every > 0 or not d.inject_nonfinite), "debug", "inject_every",

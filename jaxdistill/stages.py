@@ -18,7 +18,6 @@ import os
 from jaxdistill import plot, workdir_lock
 from jaxdistill.build import has_tokenizer
 from jaxdistill.config import Config, DebugSpec, StagesSpec
-from jaxdistill.curriculum import lm_only
 from jaxdistill.data.corpus import source_fingerprint
 from jaxdistill.errors import JaxDistillError
 from jaxdistill.metrics import log
@@ -37,7 +36,7 @@ COMPARISON_MD = "comparison.md"
 
 def plain_lm(cfg: Config, student=None) -> Config:
   """`cfg` as plain LM training of `student` (default: cfg's student): no teacher, no stages, no drills."""
-  objective = dataclasses.replace(cfg.objective, curriculum=lm_only(cfg.objective.curriculum), offline_top_k=0)
+  objective = cfg.objective.plain_lm()
   best_metric = cfg.train.best_metric if cfg.train.best_metric in LM_EVAL_METRICS else "student_lm_loss"
   return dataclasses.replace(cfg, mode="lm", student=student or cfg.student, objective=objective, teacher_tokenizer="",
                              train=dataclasses.replace(cfg.train, best_metric=best_metric),
@@ -84,7 +83,7 @@ def teacher_dir(cfg: Config) -> str:
       os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "jaxdistill", "teachers")
   digest = hashlib.sha256(json.dumps(teacher_key(cfg), sort_keys=True).encode()).hexdigest()[:16]
   arch = cfg.teacher.arch
-  return os.path.join(os.path.expanduser(root), f"{arch.family}-{arch.hidden_size}x{arch.num_layers}-{digest}")
+  return os.path.join(os.path.expanduser(root), f"{arch['family']}-{arch['hidden_size']}x{arch['num_layers']}-{digest}")
 
 
 def trained_teacher(cfg: Config, data_cache: str | None = None) -> str:

@@ -19,7 +19,6 @@ class TrainState:
   step: jax.Array            # int32: micro-batches seen (always an array, never None)
   params: Any                # {'student': ..., 'heads': router and projections}
   opt_state: optim.OptState
-  rng: jax.Array             # raw uint32 key data (checkpointable); per-step keys: fold_in(rng, step)
   nonfinite: dict[str, jax.Array]  # int32 counters, keys NONFINITE_COUNTERS
   loss_scale: jax.Array      # float32; stays 1 unless fp16 dynamic loss scaling is on
   loss_scale_good_steps: jax.Array  # int32 finite steps since the scale last changed
@@ -38,28 +37,25 @@ class TrainState:
     return jmp.DynamicLossScale(self.loss_scale, self.loss_scale_good_steps)
 
 
-def create_train_state(student_params, heads_params, tx: optim.Optimizer, rng: jax.Array,
-                       initial_loss_scale: float = 1.0) -> TrainState:
-  """A fresh state at step 0; `rng` is a key (typed or raw), `initial_loss_scale` > 1 for fp16."""
+def create_train_state(student_params, heads_params, tx: optim.Optimizer, initial_loss_scale: float = 1.0) -> TrainState:
+  """A fresh state at step 0; `initial_loss_scale` > 1 for fp16 (the step is deterministic: no key is kept)."""
   params = {"student": student_params, "heads": heads_params}
-  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-    rng = jax.random.key_data(rng)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     nonfinite={k: jnp.zeros((), jnp.int32) for k in NONFINITE_COUNTERS},
                     loss_scale=jnp.asarray(initial_loss_scale, jnp.float32),
                     loss_scale_good_steps=jnp.zeros((), jnp.int32), skipped_streak=jnp.zeros((), jnp.int32))
 
 
-def create_placed_train_state(plan, student_params, heads_params, tx: optim.Optimizer, rng: jax.Array,
+def create_placed_train_state(plan, student_params, heads_params, tx: optim.Optimizer,
                               initial_loss_scale: float = 1.0) -> TrainState:
   """`create_train_state` directly in the shardings of `plan` (a `parallel.MeshPlan`).
 
   The student's params go to their shards first and the optimizer state is created in its own, so no
   device ever holds all of a sharded state.
   """
-  def create(student_params, heads_params, rng):
-    return create_train_state(student_params, heads_params, tx, rng, initial_loss_scale)
+  def create(student_params, heads_params):
+    return create_train_state(student_params, heads_params, tx, initial_loss_scale)
 
-  shardings = plan.state_shardings(jax.eval_shape(create, student_params, heads_params, rng))
+  shardings = plan.state_shardings(jax.eval_shape(create, student_params, heads_params))
   student_params = plan.put(student_params, shardings.params["student"])
-  return jax.jit(create, out_shardings=shardings)(student_params, heads_params, rng)
+  return jax.jit(create, out_shardings=shardings)(student_params, heads_params)

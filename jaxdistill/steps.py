@@ -16,7 +16,7 @@ import optax
 
 from jaxdistill import cross_vocab, losses, offline_teacher
 from jaxdistill.models import ModelConfig
-from jaxdistill.objective import COMPONENTS, ObjectiveConfig, objective, run_models
+from jaxdistill.objective import COMPONENTS, ResolvedObjective, objective, run_models
 from jaxdistill.optim import OptimConfig, make_optimizer
 from jaxdistill.parallel import MeshPlan
 from jaxdistill.state import TrainState
@@ -24,7 +24,8 @@ from jaxdistill.state import TrainState
 
 @dataclasses.dataclass(frozen=True)
 class StepSetup:
-  objective: ObjectiveConfig   # already resolve_layers-ed for these models
+  objective: ResolvedObjective  # already resolve_layers-ed for these models; its teacher mode and alignment
+                                # decide what the step reads (a teacher forward, records; aligned pairs)
   student: ModelConfig
   teacher: ModelConfig | None  # None: plain LM training (only the `lm` term, no teacher forward)
   optim: OptimConfig
@@ -68,8 +69,8 @@ def train_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setu
 def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup: StepSetup):
   """The training objective at the state's step, plus plain metrics, and token counts for reduction.
 
-  With an offline teacher (`cfg.offline_top_k`) the objective reads records made here from the live
-  teacher, exactly as training makes them. Plain metrics: student and teacher LM loss and perplexity,
+  With an offline teacher (`cfg.teacher == 'records'`) the objective reads records made here from the
+  live teacher, exactly as training makes them. Plain metrics: student and teacher LM loss and perplexity,
   KL(teacher || student) at T = 1 over the full vocabulary, and top-1 agreement (the student's alone with no teacher); with two
   tokenizers KL is the cross-vocabulary kd at T = 1 and agreement compares tokens by their bytes,
   both over aligned pairs (each model's LM loss stays per its own tokens). `count/tokens` (KD tokens),
@@ -77,10 +78,11 @@ def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup
   let the caller form token-weighted means over a whole split (`metrics.EvalReducer`).
   """
   cfg, student, teacher = setup.objective, setup.student, setup.teacher
-  models_out = run_models(state.params["student"], teacher_params, batch, cfg, student, teacher)
+  models_out = run_models(state.params["student"], teacher_params, batch, cfg, student, teacher,
+                          live_teacher=cfg.teacher != "none")
   student_out, student_qk, teacher_out, _ = models_out
   objective_batch = batch
-  if cfg.offline_top_k:  # records from the live teacher, as training makes them: comparable losses
+  if cfg.teacher == "records":  # records from the live teacher, as training makes them: comparable losses
     record = offline_teacher.record_from_output(teacher_out, batch["teacher_attention_mask"], cfg,
                                                 min(student.vocab_size, teacher.vocab_size))
     objective_batch = {**batch, offline_teacher.RECORD_KEY: record}
@@ -89,7 +91,8 @@ def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup
                          models_out=models_out, vocab_map=vocab_map)
   mask_BxL = batch["student_attention_mask"]
   labels_BxL, label_mask_BxL = losses.next_token_labels(batch["student_input_ids"], mask_BxL)
-  student_lm = losses.lm_loss(student_out.logits_BxLxV, labels_BxL, label_mask_BxL, chunk_size=cfg.chunk_size)
+  chunk_size = cfg.distill.chunk_size
+  student_lm = losses.lm_loss(student_out.logits_BxLxV, labels_BxL, label_mask_BxL, chunk_size=chunk_size)
   mask = mask_BxL.astype(jnp.float32)
   metrics.update({
       "opt_step": state.opt_step, "student_lm_loss": student_lm, "student_ppl": jnp.exp(student_lm),
@@ -100,24 +103,24 @@ def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup
   teacher_labels_BxL, teacher_label_mask_BxL = losses.next_token_labels(batch["teacher_input_ids"],
                                                                         batch["teacher_attention_mask"])
   teacher_lm = losses.lm_loss(teacher_out.logits_BxLxV, teacher_labels_BxL, teacher_label_mask_BxL,
-                              chunk_size=cfg.chunk_size)
+                              chunk_size=chunk_size)
   metrics.update({"teacher_lm_loss": teacher_lm, "teacher_ppl": jnp.exp(teacher_lm),
                   "count/teacher_label_tokens": jnp.sum(teacher_label_mask_BxL.astype(jnp.float32))})
-  if "align_mask" in batch:
+  if cfg.aligned:
     metrics["count/pairs"] = jnp.sum(batch["align_mask"].astype(jnp.float32))
     at_s = cross_vocab.gather_positions(student_out.logits_BxLxV, batch["align_student"])
     at_t = cross_vocab.gather_positions(teacher_out.logits_BxLxV, batch["align_teacher"])
     pairs_BxA = batch["align_mask"]
     metrics.update({
-        "kl_t1": cross_vocab.kd_across(cfg.cross_vocab_kd, at_s, at_t, pairs_BxA, vocab_map, temperature=1.0,
-                                       uld_top_k=cfg.uld_top_k, chunk_size=cfg.chunk_size),
+        "kl_t1": cross_vocab.kd_across(cfg.distill.cross_vocab_kd, at_s, at_t, pairs_BxA, vocab_map, temperature=1.0,
+                                       uld_top_k=cfg.distill.uld_top_k, chunk_size=chunk_size),
         "top1_agreement": cross_vocab.top1_agreement(at_s, at_t, pairs_BxA, vocab_map.student_to_teacher_Vs)})
     return metrics
   vocab = min(student.vocab_size, teacher.vocab_size)
   student_logits, teacher_logits = student_out.logits_BxLxV[..., :vocab], teacher_out.logits_BxLxV[..., :vocab]
   agree_BxL = (jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32)
   metrics.update({
-      "kl_t1": losses.kd_loss(student_logits, teacher_logits, mask_BxL, temperature=1.0, chunk_size=cfg.chunk_size),
+      "kl_t1": losses.kd_loss(student_logits, teacher_logits, mask_BxL, temperature=1.0, chunk_size=chunk_size),
       "top1_agreement": jnp.sum(agree_BxL * mask) / jnp.maximum(jnp.sum(mask), 1.0),
   })
   return metrics

@@ -6,7 +6,6 @@ checkpoints and monitors on optimizer-step boundaries; writes an emergency check
 interrupted; exports the student in Hugging Face format at the end.
 """
 
-import dataclasses
 import os
 import signal
 import sys
@@ -21,20 +20,14 @@ from jaxdistill import config as config_lib
 from jaxdistill import fingerprint
 from jaxdistill import metrics as metrics_lib
 from jaxdistill import offline_teacher, parallel, workdir_lock
-from jaxdistill.build import (build_model, build_teacher_tokenizer, build_tokenizer, check_cross_vocab_objective,
-                              check_positions, vocab_map)
-from jaxdistill.data.alignment import vocab_size
+from jaxdistill.build import build_run, build_teacher_tokenizer, build_tokenizer, check_cross_vocab_objective
 from jaxdistill.data.pipeline import DataPipeline
 from jaxdistill.errors import ConfigError, JaxDistillError
 from jaxdistill.metrics import log
 from jaxdistill.models import save_pretrained
 from jaxdistill.monitor import Diverged, RunMonitor, out_of_memory_message
-from jaxdistill.objective import COMPONENTS, init_heads
-from jaxdistill.optim import check_warmup, make_optimizer
-from jaxdistill.state import create_placed_train_state
+from jaxdistill.objective import COMPONENTS, ENTRIES
 from jaxdistill.steps import StepSetup, compile_steps
-
-FP16_INITIAL_LOSS_SCALE = 2.0 ** 15
 
 
 class Interrupted(JaxDistillError):
@@ -81,33 +74,35 @@ def _param_count(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def _model_line(model) -> str:
+def _model_line(model, params) -> str:
   cfg = model.config
-  return (f"{model.path or 'random ' + cfg.family}  {_param_count(model.params):,} params  {cfg.num_layers} layers  "
+  return (f"{model.path or 'random ' + cfg.family}  {_param_count(params):,} params  {cfg.num_layers} layers  "
           f"{cfg.param_dtype}/{cfg.dtype}")
 
 
 def _curriculum_rows(cur) -> list[str]:
+  """One row per phase: the weight of every entry that is not 0 in every phase (registry order), and T."""
   phases = ["0"] + [f"{b:.0%}" for b in cur.boundaries]
+  entries = [e.name for e in ENTRIES if cur.enabled(e.name)]
   rows = []
   for i, start in enumerate(phases):
-    weights = "  ".join(f"{name}={cur.values(name)[i]:g}" for name in ("kd", "lm", "attention", "feature", "layerwise",
-                                                                     "contrastive"))
+    weights = "  ".join(f"{name}={cur.values(name)[i]:g}" for name in entries)
     rows.append(f"    phase {i + 1} from {start:>4s}: {weights}  T={cur.temperature[i]:g}")
   return rows
 
 
-def _summary(cfg, teacher, student, data, setup: StepSetup, total_steps: int, start_step: int, plan: parallel.MeshPlan,
+def _summary(cfg, teacher, student, state, data, setup: StepSetup, total_steps: int, start_step: int, plan: parallel.MeshPlan,
              offline: offline_teacher.RunRecords | None = None) -> str:
   accumulation = setup.optim.accumulation_steps
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * accumulation
   device = jax.local_devices()[0]
   loss_scaling = "  (fp16 dynamic loss scaling)" if setup.dynamic_loss_scale else ""
   if teacher is None:
-    models = [f"  model   : {_model_line(student)}{loss_scaling}"]
+    models = [f"  model   : {_model_line(student, state.params['student'])}{loss_scaling}"]
     objective = ["  objective: plain LM cross-entropy (mode 'lm': no teacher)"]
   else:
-    models = [f"  teacher : {_model_line(teacher)}", f"  student : {_model_line(student)}{loss_scaling}"]
+    models = [f"  teacher : {_model_line(teacher, teacher.params)}",
+              f"  student : {_model_line(student, state.params['student'])}{loss_scaling}"]
     objective = ["  curriculum:", *_curriculum_rows(setup.objective.curriculum)]
     if offline is not None:
       store = offline.store
@@ -137,13 +132,6 @@ def _drill(batch: dict, micro_step: int, debug) -> dict:
   if (micro_step + 1) % debug.inject_every == 0:
     inject[COMPONENTS.index(debug.inject_nonfinite)] = np.nan
   return {**batch, "inject_nonfinite": inject}
-
-
-def _evaluate(eval_step, state, data, plan: parallel.MeshPlan) -> dict:
-  reducer = metrics_lib.EvalReducer()
-  for batch in data.eval_batches(plan.host_rows(data.cfg.batch_size)):
-    reducer.add(_host(eval_step(state, plan.global_batch(batch, data.cfg.batch_size))))
-  return reducer.result()
 
 
 def train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None = None,
@@ -191,200 +179,211 @@ def _restore(cfg, checkpointer: ckpt.Checkpointer, resume: str | None, state, da
 
 def _train_and_evaluate(cfg: config_lib.Config, workdir: str, resume: str | None, data_cache: str | None,
                         plan: parallel.MeshPlan) -> dict:
-  os.makedirs(workdir, exist_ok=True)
-  distill = cfg.mode == "distill"  # otherwise plain LM training: no teacher at all
-  tokenizer = build_tokenizer(cfg)
-  # None: one tokenizer. In plain LM training a named teacher tokenizer only shapes the rows (a scratch
-  # baseline trains on the distillation's rows, `stages.scratch_config`).
-  teacher_tokenizer = build_teacher_tokenizer(cfg, tokenizer) if distill or cfg.teacher_tokenizer else None
-  if distill and teacher_tokenizer is not None:
-    check_cross_vocab_objective(cfg)
-  data = DataPipeline(cfg.data, tokenizer, cfg.seed, cache_dir=data_cache or os.path.join(workdir, "data_cache"),
-                      teacher_tokenizer=teacher_tokenizer)
-  rng = jax.random.key(cfg.seed)
-  teacher_rng, student_rng, heads_rng, state_rng = jax.random.split(rng, 4)
-  teacher = build_model(cfg.teacher, vocab_size(teacher_tokenizer or tokenizer), teacher_rng, "teacher") \
-      if distill else None
-  teacher_config = teacher.config if distill else None
-  student = build_model(cfg.student, vocab_size(tokenizer), student_rng, "student")
-  check_positions(student.config, cfg.data.seq_len, "data.seq_len", "the student")
-  if distill:
-    check_positions(teacher.config, cfg.data.teacher_len,
-                    "data.teacher_seq_len" if cfg.data.teacher_seq_len else "data.seq_len", "the teacher")
-  shared_tokens = None if teacher is None or teacher_tokenizer is None else vocab_map(
-      tokenizer, teacher_tokenizer, student.config.vocab_size, teacher.config.vocab_size)
+  loop = _Loop(cfg, workdir, resume, data_cache, plan)
+  loop.train()
+  return loop.finish()
 
-  accumulation = cfg.optim.accumulation_steps
-  steps_per_epoch = data.batches_per_epoch // accumulation
-  if steps_per_epoch < 1:
-    raise JaxDistillError(f"one epoch has {data.batches_per_epoch} micro-batches, fewer than "
-                          f"optim.accumulation_steps={accumulation}: lower it or data.batch_size, or add data")
-  total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-  check_warmup(cfg.optim, total_steps)
-  optim = dataclasses.replace(cfg.optim, total_steps=total_steps)
-  objective = dataclasses.replace(cfg.objective, total_steps=total_steps).resolve_layers(student.config, teacher_config)
-  fp16 = student.config.dtype == "float16"
-  setup = StepSetup(objective, student.config, teacher_config, optim, dynamic_loss_scale=fp16)
-  tx, _ = make_optimizer(optim)
-  heads = init_heads(objective, student.config, teacher_config, heads_rng)
-  state = create_placed_train_state(plan, student.params, heads, tx, state_rng,
-                                    FP16_INITIAL_LOSS_SCALE if fp16 else 1.0)
-  if distill:
-    teacher = dataclasses.replace(teacher, params=plan.put(teacher.params, plan.teacher_shardings(teacher.params)))
-  if shared_tokens is not None:
-    shared_tokens = plan.replicate(shared_tokens)
 
-  checkpointer = ckpt.Checkpointer(workdir, cfg.checkpoint.keep)
-  state, meta = _restore(cfg, checkpointer, resume, state, data)
-  monitor = RunMonitor(cfg.monitor, meta.get("monitor"))
-  best_metric = meta.get("best_metric")
-  evals_without_improvement = meta.get("evals_without_improvement", 0)
+class _Loop:
+  """One run's parts and bookkeeping: built in __init__, stepped by `train`, exported by `finish`.
 
-  train_step, eval_step = compile_steps(setup, teacher.params if distill else None, shared_tokens, plan, state)
-  offline = offline_teacher.for_run(cfg.offline_teacher.dir or os.path.join(workdir, "offline_teacher"), objective,
-                                    student.config, teacher, data) if objective.offline_top_k else None
-  micro_step = int(state.step)
-  start_opt_step = micro_step // accumulation
-  total_micro = total_steps * accumulation
-  log(_summary(cfg, teacher, student, data, setup, total_steps, start_opt_step, plan, offline))
-  student = dataclasses.replace(student, params=None)  # the state owns (and donates) the params now
-  writer = metrics_lib.MetricWriter(workdir, cfg.log.tensorboard) if parallel.is_main_process() else \
-      metrics_lib.NullWriter()
-  host_rows = plan.host_rows(cfg.data.batch_size)
+  Everything a checkpoint's meta carries besides the state (micro-batch, monitor, best metric and the
+  evaluations since it improved) lives here, so an emergency save writes exactly what a periodic one does.
+  """
 
-  def global_batch(host_batch):
-    return plan.global_batch(host_batch, cfg.data.batch_size)
+  def __init__(self, cfg: config_lib.Config, workdir: str, resume: str | None, data_cache: str | None,
+               plan: parallel.MeshPlan):
+    os.makedirs(workdir, exist_ok=True)
+    self.cfg, self.workdir, self.plan = cfg, workdir, plan
+    self.distill = cfg.mode == "distill"  # otherwise plain LM training: no teacher at all
+    self.tokenizer = build_tokenizer(cfg)
+    # None: one tokenizer. In plain LM training a named teacher tokenizer only shapes the rows (a scratch
+    # baseline trains on the distillation's rows, `stages.scratch_config`).
+    teacher_tokenizer = build_teacher_tokenizer(cfg, self.tokenizer) if self.distill or cfg.teacher_tokenizer else None
+    if self.distill and teacher_tokenizer is not None:
+      check_cross_vocab_objective(cfg)
+    self.data = DataPipeline(cfg.data, self.tokenizer, cfg.seed, teacher_tokenizer=teacher_tokenizer,
+                             cache_dir=data_cache or os.path.join(workdir, "data_cache"))
+    self.accumulation = cfg.optim.accumulation_steps
+    steps_per_epoch = self.data.batches_per_epoch // self.accumulation
+    if steps_per_epoch < 1:
+      raise JaxDistillError(f"one epoch has {self.data.batches_per_epoch} micro-batches, fewer than "
+                            f"optim.accumulation_steps={self.accumulation}: lower it or data.batch_size, or add data")
+    self.total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    run = build_run(cfg, plan, self.total_steps, self.tokenizer, teacher_tokenizer if self.distill else None)
+    self.setup, self.teacher, self.student = run.setup, run.teacher, run.student
 
-  def run_meta(step: int) -> dict:
-    if offline is not None:  # the records written so far outlive the run with the checkpoint
-      offline.store.flush()
-    return {"step": step, "micro_step": micro_step, "data_position": data.position(micro_step),
-            "monitor": monitor.state_dict(), "best_metric": best_metric,
-            "evals_without_improvement": evals_without_improvement, "fingerprint": meta["fingerprint"]}
+    self.checkpointer = ckpt.Checkpointer(workdir, cfg.checkpoint.keep)
+    self.state, meta = _restore(cfg, self.checkpointer, resume, run.state, self.data)
+    self.fingerprint = meta["fingerprint"]
+    self.monitor = RunMonitor(cfg.monitor, meta.get("monitor"))
+    self.best_metric = meta.get("best_metric")
+    self.evals_without_improvement = meta.get("evals_without_improvement", 0)
+    self.last_eval_step, self.result = None, None
 
-  def diverged(step: int, reason: str) -> Diverged:
-    return Diverged(step, reason, checkpointer.last_good(), cfg.optim, student.config.dtype)
+    self.train_step, self.eval_step = compile_steps(self.setup, self.teacher.params if self.distill else None,
+                                                    run.vocab_map, plan, self.state)
+    objective = self.setup.objective
+    self.offline = offline_teacher.for_run(
+        cfg.offline_teacher.dir or os.path.join(workdir, "offline_teacher"), objective, self.student.config,
+        self.teacher, self.data) if objective.teacher == "records" else None
+    self.micro_step = int(self.state.step)
+    log(_summary(cfg, self.teacher, self.student, self.state, self.data, self.setup, self.total_steps,
+                 self.micro_step // self.accumulation, plan, self.offline))
+    self.writer = metrics_lib.MetricWriter(workdir, cfg.log.tensorboard) if parallel.is_main_process() else \
+        metrics_lib.NullWriter()
 
-  def save(step: int, best: bool = False) -> None:
+  def run_meta(self, step: int) -> dict:
+    """A checkpoint's meta at optimizer step `step`: where the data stands and the run's bookkeeping."""
+    if self.offline is not None:  # the records written so far outlive the run with the checkpoint
+      self.offline.store.flush()
+    return {"step": step, "micro_step": self.micro_step, "data_position": self.data.position(self.micro_step),
+            "monitor": self.monitor.state_dict(), "best_metric": self.best_metric,
+            "evals_without_improvement": self.evals_without_improvement, "fingerprint": self.fingerprint}
+
+  def diverged(self, step: int, reason: str) -> Diverged:
+    return Diverged(step, reason, self.checkpointer.last_good(), self.cfg.optim, self.student.config.dtype)
+
+  def save(self, step: int, best: bool = False) -> None:
     """Checkpoints the state; a state with a non-finite value is never saved (the run diverged)."""
-    if not bool(ckpt.all_finite(state)):
-      raise diverged(step, "the parameters or the optimizer state hold non-finite values")
-    checkpointer.save(step, state, run_meta(step), best=best)
+    if not bool(ckpt.all_finite(self.state)):
+      raise self.diverged(step, "the parameters or the optimizer state hold non-finite values")
+    self.checkpointer.save(step, self.state, self.run_meta(step), best=best)
 
-  last_eval_step = None
-
-  def evaluate(step: int) -> dict:
-    nonlocal best_metric, evals_without_improvement, last_eval_step
-    last_eval_step = step
-    result = _evaluate(eval_step, state, data, plan)
-    writer.write(step, "eval", result)
+  def evaluate(self, step: int) -> dict:
+    """The eval split at `step`: logged, checked for divergence, and the best checkpoint when it improved."""
+    cfg = self.cfg
+    self.last_eval_step = step
+    reducer = metrics_lib.EvalReducer()
+    for batch in self.data.eval_batches(self.plan.host_rows(cfg.data.batch_size)):
+      reducer.add(_host(self.eval_step(self.state, self.plan.global_batch(batch, cfg.data.batch_size))))
+    result = self.result = reducer.result()
+    self.writer.write(step, "eval", result)
     log(metrics_lib.eval_block(step, result))
-    if distill and step % cfg.log.curriculum_every_steps == 0:
-      log(metrics_lib.curriculum_block(step, total_steps, "eval", result))
+    if self.distill and step % cfg.log.curriculum_every_steps == 0:
+      log(metrics_lib.curriculum_block(step, self.total_steps, "eval", result))
     if not np.isfinite(result["loss"]):
-      raise diverged(step, f"the evaluation loss is {result['loss']}")
+      raise self.diverged(step, f"the evaluation loss is {result['loss']}")
     value = result[cfg.train.best_metric]
-    if best_metric is None or value < best_metric:
-      best_metric, evals_without_improvement = value, 0
-      save(step, best=True)
+    if self.best_metric is None or value < self.best_metric:
+      self.best_metric, self.evals_without_improvement = value, 0
+      self.save(step, best=True)
     else:
-      evals_without_improvement += 1
+      self.evals_without_improvement += 1
     return result
 
-  last_train, window_start, window_tokens = None, time.perf_counter(), 0
-  bar = tqdm(total=total_steps, initial=start_opt_step, unit="step", dynamic_ncols=True, file=sys.stderr,
-             disable=not cfg.log.progress_bar or not parallel.is_main_process())
-  try:
-    with _StopFlag() as stop:
-      while micro_step < total_micro:
-        batch = global_batch(_drill(data.train_batch(micro_step, host_rows), micro_step, cfg.debug))
-        new_records = None
-        if offline is not None:
-          batch, new_records = offline.batch_with_records(batch, data.train_row_indices(micro_step), global_batch)
-        try:
-          state, step_metrics = train_step(state, batch)
-        except Exception as e:  # XLA raises JaxRuntimeError; only out-of-memory is translated
-          message = out_of_memory_message(e, cfg.data.batch_size, cfg.data.seq_len, accumulation)
-          if message:
-            raise JaxDistillError(message) from None
-          raise
-        if new_records is not None:  # written while the step runs
-          offline.store.put(*new_records)
-        micro_step += 1
-        window_tokens += cfg.data.batch_size * cfg.data.seq_len
-        if micro_step % accumulation:
-          continue
-        step = micro_step // accumulation
-        bar.update(1)
-        checkpointer.seal_finished()
+  def record_train(self, step: int, step_metrics, elapsed: float, tokens: int) -> dict:
+    """The training record of `step` (written, checked by the monitor, logged); raises Diverged."""
+    cfg = self.cfg
+    nonfinite, skipped_streak = jax.device_get((self.state.nonfinite, self.state.skipped_streak))  # one transfer
+    counters = {k: int(v) for k, v in nonfinite.items()}
+    record = {**_host(step_metrics), "tokens_per_s": tokens / max(elapsed, 1e-9),
+              "epoch": self.data.position(self.micro_step - 1)["epoch"], **_device_memory(),
+              **{f"count/nonfinite/{k}": v for k, v in counters.items()}}
+    self.writer.write(step, "train", record)
+    for warning in self.monitor.on_train(step, self.micro_step, counters, record["loss"],
+                                         self.setup.dynamic_loss_scale):
+      log(warning)
+    reason = self.monitor.divergence(record["loss"], int(skipped_streak), self.accumulation)
+    if reason:
+      raise self.diverged(step, reason)
+    if step % cfg.log.debug_every_steps == 0:
+      log(metrics_lib.debug_block(step, record))
+    if self.distill and step % cfg.log.curriculum_every_steps == 0:
+      log(metrics_lib.curriculum_block(step, self.total_steps, "train", record))
+    return record
 
-        if step % cfg.log.every_steps == 0 or step % cfg.log.debug_every_steps == 0 or step == total_steps:
-          train_metrics = _host(step_metrics)
-          elapsed = time.perf_counter() - window_start
-          nonfinite, skipped_streak = jax.device_get((state.nonfinite, state.skipped_streak))  # one transfer
-          counters = {k: int(v) for k, v in nonfinite.items()}
-          record = {**train_metrics, "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                    "epoch": data.position(micro_step - 1)["epoch"], **_device_memory(),
-                    **{f"count/nonfinite/{k}": v for k, v in counters.items()}}
-          writer.write(step, "train", record)
-          bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                          tok_s=f"{record['tokens_per_s']:,.0f}")
-          window_start, window_tokens = time.perf_counter(), 0
-          last_train = record
-          for warning in monitor.on_train(step, micro_step, counters, record["loss"], fp16):
-            log(warning)
-          reason = monitor.divergence(record["loss"], int(skipped_streak), accumulation)
-          if reason:
-            raise diverged(step, reason)
-          if step % cfg.log.debug_every_steps == 0:
-            log(metrics_lib.debug_block(step, record))
-          if distill and step % cfg.log.curriculum_every_steps == 0:
-            log(metrics_lib.curriculum_block(step, total_steps, "train", record))
+  def _global_batch(self, host_batch):
+    return self.plan.global_batch(host_batch, self.cfg.data.batch_size)
 
-        # This optimizer step's micro-batches crossed into a new data epoch (grain's epochs, by micro-batch).
-        epoch_end = micro_step // data.batches_per_epoch != (micro_step - accumulation) // data.batches_per_epoch
-        if step % cfg.train.eval_every_steps == 0 or step == total_steps:
-          result = evaluate(step)
-          if last_train is not None:
-            for warning in monitor.on_eval(result["loss"], last_train["loss"]):
-              log(warning)
-        if step % cfg.checkpoint.every_steps == 0 or epoch_end or step == total_steps:
-          save(step)
-        patience = cfg.train.early_stopping_patience
-        if patience and evals_without_improvement >= patience:
-          log(f"[EARLY STOP] {cfg.train.best_metric} has not improved for {patience} evaluations")
-          save(step)
-          break
-        if stop.signum is not None:
-          raise Interrupted(stop.signum)
-  except BaseException as error:
+  def _micro_step(self):
+    """Runs the compiled step on the next micro-batch (recording the teacher first in an offline epoch 1)."""
+    cfg = self.cfg
+    host_batch = self.data.train_batch(self.micro_step, self.plan.host_rows(cfg.data.batch_size))
+    batch = self._global_batch(_drill(host_batch, self.micro_step, cfg.debug))
+    new_records = None
+    if self.offline is not None:
+      batch, new_records = self.offline.batch_with_records(batch, self.data.train_row_indices(self.micro_step),
+                                                           self._global_batch)
+    try:
+      self.state, step_metrics = self.train_step(self.state, batch)
+    except Exception as e:  # XLA raises JaxRuntimeError; only out-of-memory is translated
+      message = out_of_memory_message(e, cfg.data.batch_size, cfg.data.seq_len, self.accumulation)
+      if message:
+        raise JaxDistillError(message) from None
+      raise
+    if new_records is not None:  # written while the step runs
+      self.offline.store.put(*new_records)
+    self.micro_step += 1
+    return step_metrics
+
+  def train(self) -> None:
+    """Micro-batches until the last optimizer step (or early stopping); an emergency checkpoint on any error."""
+    cfg, accumulation, batches_per_epoch = self.cfg, self.accumulation, self.data.batches_per_epoch
+    last_train, window_start, window_tokens = None, time.perf_counter(), 0
+    bar = tqdm(total=self.total_steps, initial=self.micro_step // accumulation, unit="step", dynamic_ncols=True,
+               file=sys.stderr, disable=not cfg.log.progress_bar or not parallel.is_main_process())
+    try:
+      with _StopFlag() as stop:
+        while self.micro_step < self.total_steps * accumulation:
+          step_metrics = self._micro_step()
+          window_tokens += cfg.data.batch_size * cfg.data.seq_len
+          if self.micro_step % accumulation:
+            continue
+          step = self.micro_step // accumulation
+          bar.update(1)
+          self.checkpointer.seal_finished()
+          if step % cfg.log.every_steps == 0 or step % cfg.log.debug_every_steps == 0 or step == self.total_steps:
+            last_train = self.record_train(step, step_metrics, time.perf_counter() - window_start, window_tokens)
+            bar.set_postfix(loss=f"{last_train['loss']:.4f}", lr=f"{last_train['lr']:.2e}",
+                            tok_s=f"{last_train['tokens_per_s']:,.0f}")
+            window_start, window_tokens = time.perf_counter(), 0
+          # This optimizer step's micro-batches crossed into a new data epoch (grain's epochs, by micro-batch).
+          epoch_end = self.micro_step // batches_per_epoch != (self.micro_step - accumulation) // batches_per_epoch
+          if step % cfg.train.eval_every_steps == 0 or step == self.total_steps:
+            result = self.evaluate(step)
+            if last_train is not None:
+              for warning in self.monitor.on_eval(result["loss"], last_train["loss"]):
+                log(warning)
+          if step % cfg.checkpoint.every_steps == 0 or epoch_end or step == self.total_steps:
+            self.save(step)
+          patience = cfg.train.early_stopping_patience
+          if patience and self.evals_without_improvement >= patience:
+            log(f"[EARLY STOP] {cfg.train.best_metric} has not improved for {patience} evaluations")
+            self.save(step)
+            break
+          if stop.signum is not None:
+            raise Interrupted(stop.signum)
+    except BaseException as error:
+      bar.close()
+      _emergency_save(self.checkpointer, self.state, self.micro_step, accumulation, self.run_meta, error)
+      _close_quietly(self.checkpointer)
+      self.writer.close()
+      raise
     bar.close()
-    _emergency_save(checkpointer, state, micro_step, accumulation, run_meta, error)
-    _close_quietly(checkpointer)
-    writer.close()
-    raise
-  bar.close()
 
-  step = micro_step // accumulation
-  if last_eval_step != step:  # e.g. a finished run started again
-    result = evaluate(step)
-  writer.close()
-  checkpointer.wait()
-  checkpointer.close()
-  log(monitor.summary())
-  export_dir = os.path.join(workdir, "student_hf")
-  student_params = plan.to_host(state.params["student"])  # every process takes part in the gather
-  if parallel.is_main_process():
-    save_pretrained(student_params, setup.student, export_dir, hf_config=student.hf_config, tokenizer=tokenizer)
-  parallel.barrier("export")  # the next stage may read the export on any host
-  if distill:
-    log(f"[DONE] student exported to {export_dir}\n"
-         f"  held-out perplexity: student {result['student_ppl']:.2f}, teacher "
-         f"{result.get('teacher_ppl_per_student_token', result['teacher_ppl']):.2f}"
-         + (" (its loss per student token)" if "teacher_ppl_per_student_token" in result else ""))
-  else:
-    log(f"[DONE] model exported to {export_dir}\n  held-out perplexity: {result['student_ppl']:.2f}")
-  return result
+  def finish(self) -> dict:
+    """The final evaluation (unless the last step had one), the checkpoints closed, the student exported."""
+    step = self.micro_step // self.accumulation
+    result = self.evaluate(step) if self.last_eval_step != step else self.result  # e.g. a finished run started again
+    self.writer.close()
+    self.checkpointer.wait()
+    self.checkpointer.close()
+    log(self.monitor.summary())
+    export_dir = os.path.join(self.workdir, "student_hf")
+    student_params = self.plan.to_host(self.state.params["student"])  # every process takes part in the gather
+    if parallel.is_main_process():
+      save_pretrained(student_params, self.setup.student, export_dir, hf_config=self.student.hf_config,
+                      tokenizer=self.tokenizer)
+    parallel.barrier("export")  # the next stage may read the export on any host
+    if self.distill:
+      log(f"[DONE] student exported to {export_dir}\n"
+          f"  held-out perplexity: student {result['student_ppl']:.2f}, teacher "
+          f"{result.get('teacher_ppl_per_student_token', result['teacher_ppl']):.2f}"
+          + (" (its loss per student token)" if "teacher_ppl_per_student_token" in result else ""))
+    else:
+      log(f"[DONE] model exported to {export_dir}\n  held-out perplexity: {result['student_ppl']:.2f}")
+    return result
 
 
 def _close_quietly(checkpointer) -> None:

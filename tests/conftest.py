@@ -146,3 +146,11 @@ def train_command(workdir, *args, config=SMOKE) -> list[str]:
 def run_train(env, workdir, *args, config=SMOKE, timeout=300) -> subprocess.CompletedProcess:
   return subprocess.run(train_command(workdir, *args, config=config), capture_output=True, text=True, env=env,
                         timeout=timeout)
+
+
+def read_records(path: str) -> list[dict]:
+  """The records of a metrics.jsonl, in order."""
+  import json
+
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

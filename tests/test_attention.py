@@ -124,3 +124,64 @@ def test_a_window_restricts_the_rows_of_the_map():
   seen = maps_BxNxLxL > 0
   assert seen[:, :, 8].sum(-1).tolist() == [[3] * N] * B and seen[:, :, 8, 6:].all()   # keys 6, 7, 8 only
   assert seen[:, :, 1].sum(-1).tolist() == [[2] * N] * B                               # keys 0, 1
+
+
+def _capped_reference(q, k, v, mask_BxL, scale, window, softcap):
+  """float64 like `_reference`, the scores soft-capped: softcap * tanh(scores / softcap) before the mask."""
+  q, k, v = (x.astype(np.float64) for x in (q, k, v))
+  out = np.zeros((B, L, N, K))
+  index = np.arange(L)
+  allowed_LxL = (index[None] <= index[:, None]) & ((index[:, None] - index[None] < window) if window else True)
+  for b in range(B):
+    allowed = (allowed_LxL & mask_BxL[b].astype(bool)[None]) | np.eye(L, dtype=bool)
+    for h in range(N):
+      scores = np.tanh(q[b, :, h] @ k[b, :, h // (N // G)].T * scale / softcap) * softcap
+      probs = np.exp(np.where(allowed, scores, -np.inf) - scores.max(-1, keepdims=True))
+      out[b, :, h] = (probs / probs.sum(-1, keepdims=True)) @ v[b, :, h // (N // G)]
+  return out
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_soft_capped_scores_match_float64(side):
+  """Gemma 2's tanh soft-cap at 1.0 (the scores here reach ~4): blockwise and the materialised xla path agree."""
+  q, k, v = _qkv(5)
+  q = q * 2.0
+  _, mask_BxL = padded_batch(side)
+  expected = _capped_reference(q, k, v, mask_BxL, K ** -0.5, 3, 1.0)
+  uncapped = _reference(q, k, v, mask_BxL, K ** -0.5, 3)
+  real = mask_BxL.astype(bool)
+  assert np.abs(expected - uncapped)[real].max() > 0.1   # the cap changes the result
+  for implementation, block in (("blockwise", 4), ("blockwise", 512), ("xla", 0)):
+    out = attention.attend(q, k, v, mask_BxL, head_scale=K ** -0.5, layer_factor=None, implementation=implementation,
+                           block=block, right_padded=side == "right", window=3, softcap=1.0)
+    err = np.abs(np.asarray(out) - expected)[real].max()
+    assert err < 1e-5, (implementation, block, err)
+  with pytest.raises(ValueError, match=r"cuDNN attention cannot soft-cap the scores \(softcap=1.0\)"):
+    attention.attend(q, k, v, mask_BxL, head_scale=K ** -0.5, layer_factor=None, implementation="cudnn", block=4,
+                     right_padded=False, softcap=1.0)
+
+
+def test_auto_avoids_cudnn_where_it_cannot_soft_cap(monkeypatch):
+  class Hopper:
+    platform, compute_capability = "gpu", "9.0"
+
+  monkeypatch.setattr(jax, "devices", lambda *args: [Hopper()])
+  assert attention.resolve_implementation("auto", "bfloat16", 64) == "cudnn"
+  assert attention.resolve_implementation("auto", "bfloat16", 64, softcap=50.0) == "blockwise"
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_traced_window_is_the_static_one(side):
+  """A scanned stack mixing windowed and full layers passes each layer's window traced: 3, or 0 for none."""
+  q, k, v = _qkv(6)
+  _, mask_BxL = padded_batch(side)
+  real = mask_BxL.astype(bool)
+  cases = [("blockwise", 4, False), ("xla", 0, False)] + ([("xla", 0, True)] if side == "right" else [])
+  for implementation, block, right_padded in cases:
+    traced = jax.jit(lambda q, k, v, m, w: attention.attend(
+        q, k, v, m, head_scale=K ** -0.5, layer_factor=None, implementation=implementation, block=block,
+        right_padded=right_padded, window=w, windows=(3, 0)))
+    for window in (3, 0):
+      err = np.abs(np.asarray(traced(q, k, v, mask_BxL, jnp.int32(window)))
+                   - _reference(q, k, v, mask_BxL, K ** -0.5, window))[real].max()
+      assert err < 1e-5, (implementation, right_padded, window, err)

@@ -109,3 +109,16 @@ def test_blockwise_router_alignment_equals_the_whole_map_loss(experts, aligned):
     np.testing.assert_allclose(float(value), float(expected), rtol=1e-5, err_msg=f"block {block}")
     for ours, theirs in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_whole)):
       np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-7, err_msg=f"block {block}")
+
+
+def test_rows_keep_the_layer_window_and_soft_cap():
+  """A windowed, soft-capped layer (window 3, scores capped at 1): the loss-side rows are its map's rows."""
+  _, mask_BxL = padded_batch("left")
+  qk = _qk(4, 2, 8).replace(window=3, softcap=1.0)
+  maps_BxHxLxL = np.asarray(full_maps(qk, jnp.asarray(mask_BxL)))
+  assert np.abs(maps_BxHxLxL - np.asarray(full_maps(qk.replace(softcap=0.0), jnp.asarray(mask_BxL)))).max() > 0.05
+  seen = maps_BxHxLxL[:, :, 8]   # the last query sees keys 6..8 only, and |score| < 1 bounds their ratios by e^2
+  assert (seen[..., :6] == 0).all() and seen[..., 6:].max() / seen[..., 6:].min() < np.e ** 2
+  view = attention_maps.full_view(qk, jnp.asarray(mask_BxL))
+  index_BxQ = jnp.asarray([[8, 3]] * B)
+  np.testing.assert_allclose(attention_maps.rows(view, index_BxQ), maps_BxHxLxL[:, :, [8, 3]], rtol=1e-6, atol=1e-7)

@@ -12,12 +12,12 @@ import pytest
 from jaxdistill import checkpoint as ckpt
 from jaxdistill import fingerprint
 from jaxdistill.optim import OptimConfig, make_optimizer
-from jaxdistill.state import create_train_state
+from jaxdistill.state import NONFINITE_COUNTERS, create_train_state
 
 
 def _state(value: float, step: int | None = None):
   tx, _ = make_optimizer(OptimConfig(accumulation_steps=2))
-  state = create_train_state({"w": jnp.full((2, 3), value, jnp.float32)}, {"h": jnp.zeros(3)}, tx, jax.random.key(0))
+  state = create_train_state({"w": jnp.full((2, 3), value, jnp.float32)}, {"h": jnp.zeros(3)}, tx)
   return state.replace(step=jnp.int32(int(value) if step is None else step))
 
 
@@ -31,7 +31,7 @@ def test_round_trip_and_keep_last_k(tmp_path):
   state, meta = restored.state, restored.meta
   assert meta == {"step": 3, "data_position": {"epoch": 0, "batch_in_epoch": 3}}
   assert int(state.step) == 3 and float(state.params["student"]["w"][0, 0]) == 3.0
-  assert state.rng.dtype == jnp.uint32  # raw key data: checkpointable
+  assert float(state.loss_scale) == 1.0 and int(state.skipped_streak) == 0
   checkpointer.close()
 
 
@@ -133,9 +133,10 @@ def test_a_refused_fingerprint_stops_the_walk_back(tmp_path, capsys):
 def test_a_save_without_room_raises_disk_full_before_writing(tmp_path, monkeypatch, capsys):
   checkpointer = _saved(tmp_path, (1,))
   needed = ckpt.nbytes(_state(2))
-  # Params, Adam's two moments and the accumulator: 4 x 9 floats; 21 four-byte scalars (step, key, counters,
-  # loss scale, optimizer counts).
-  assert needed == 4 * 9 * 4 + 21 * 4
+  # Params, Adam's two moments and the accumulator: 4 x 9 floats; four-byte scalars: a non-finite counter per
+  # loss component and for the gradients, and 10 more (step, loss scale and its counter, skip streak, six
+  # optimizer counts).
+  assert needed == 4 * 9 * 4 + (len(NONFINITE_COUNTERS) + 10) * 4
   usage = shutil.disk_usage(tmp_path)
   monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _: usage._replace(free=needed))
   checkpointer = ckpt.Checkpointer(str(tmp_path), keep=3)

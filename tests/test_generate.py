@@ -1,5 +1,6 @@
 """Next-token rules by hand, `sampling.generate` against a step-by-step reference, and the generate CLI."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -24,6 +25,14 @@ NEW = 8
 PROBS_V = np.array([0.5, 0.3, 0.15, 0.05])
 LOGITS_BxV = np.log(np.stack([PROBS_V, PROBS_V[::-1]])).astype(np.float32)
 DRAWS = 4000
+
+
+@functools.partial(jax.jit, static_argnames=("temperature",))
+def next_token(logits_BxV, rng, temperature: float, top_p=1.0, top_k=0):
+  """The generation loop's choice of one token: greedy at temperature 0, else sampled."""
+  if temperature == 0:
+    return sampling.greedy_token(logits_BxV)
+  return sampling.sampled_token(logits_BxV, rng, temperature, top_p, top_k)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +63,7 @@ def greedy_ids(peaked_params, batch):
 def _draws(logits_BxV, temperature, top_p=1.0, top_k=0):
   """`next_token` for DRAWS different keys -> ids [DRAWS, B]."""
   keys = jax.random.split(jax.random.key(1), DRAWS)
-  return np.asarray(jax.vmap(lambda key: sampling.next_token(logits_BxV, key, temperature, top_p, top_k))(keys))
+  return np.asarray(jax.vmap(lambda key: next_token(logits_BxV, key, temperature, top_p, top_k))(keys))
 
 
 def _frequencies(ids_DxB, row, vocab=4):
@@ -84,7 +93,7 @@ def test_allowed_tokens_by_hand():
 
 
 def test_next_token_greedy_and_top_k_1_are_the_argmax():
-  np.testing.assert_array_equal(sampling.next_token(LOGITS_BxV, jax.random.key(0), 0.0), [0, 3])
+  np.testing.assert_array_equal(next_token(LOGITS_BxV, jax.random.key(0), 0.0), [0, 3])
   np.testing.assert_array_equal(_draws(LOGITS_BxV, 0.0), np.tile([0, 3], (DRAWS, 1)))
   np.testing.assert_array_equal(_draws(LOGITS_BxV, 1.0, top_k=1), np.tile([0, 3], (DRAWS, 1)))
 

@@ -205,7 +205,8 @@ def test_a_teacher_checkpoint_with_another_tokenizer_brings_it(hf_checkpoints, t
                                                                          "stages.teacher_steps": 0}))
   assert build_teacher_tokenizer(cfg, byte_tokenizer()).get_vocab() == {"a": 0, "b": 1, "[UNK]": 2}
   with pytest.raises(ConfigError, match=r"'distill.kd_mode' = 'jsd' .* forward_kl when the teacher's tokenizer"):
-    check_cross_vocab_objective(dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, kd_mode="jsd")))
+    jsd = dataclasses.replace(cfg.objective.distill, kd_mode="jsd")
+    check_cross_vocab_objective(dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, distill=jsd)))
   # `teacher_tokenizer` overrides the checkpoint's; one equal to the run's means a single tokenizer.
   assert build_teacher_tokenizer(dataclasses.replace(cfg, teacher_tokenizer="byte"), byte_tokenizer()) is None
   byte_tokenizer().save_pretrained(teacher_dir)  # the same vocabulary

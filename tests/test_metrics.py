@@ -33,11 +33,13 @@ def test_eval_means_are_weighted_by_tokens_not_by_batches():
 
 def test_debug_block_shows_raw_weight_weighted_and_checks_the_sum():
   metrics = {f"raw/{c}": 2.0 for c in COMPONENTS} | {f"weight/{c}": 0.5 for c in COMPONENTS}
-  metrics |= {f"loss/{c}": 1.0 for c in COMPONENTS} | {"loss": 8.0}
+  total = len(COMPONENTS)  # one per component
+  metrics |= {f"loss/{c}": 1.0 for c in COMPONENTS} | {"loss": float(total)}
   block = debug_block(100, metrics)
   assert block.splitlines()[0] == "[TRAIN DEBUG] step 100"
-  assert "sum of weighted = 8   total loss = 8   (match)" in block
-  assert "MISMATCH" in debug_block(100, metrics | {"loss": 9.0})
+  assert f"sum of weighted = {total}   total loss = {total}   (match)" in block
+  assert all(f"  {c:30s} {2.0:12.6g} {0.5:9.4g} {1.0:12.6g}" in block for c in COMPONENTS)
+  assert "MISMATCH" in debug_block(100, metrics | {"loss": total + 1.0})
 
 
 def test_two_tokenizer_eval_weights_teacher_and_pair_metrics_by_their_own_counts():

@@ -1,5 +1,8 @@
 """Flax causal LMs against transformers' PyTorch models, plus the forward's contract."""
 
+import dataclasses
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,7 @@ import torch
 
 from conftest import FAMILY_CONFIGS, ROPE_LLAMA3, padded_batch
 from jaxdistill import models
+from jaxdistill.errors import ConfigError
 from jaxdistill.models.rope import inverse_frequencies
 
 TOLERANCE = 1e-4
@@ -155,5 +159,76 @@ def test_remat_keeps_the_params_and_the_gradients():
   for policy, grads in zip(policies, recomputed):
     chex.assert_trees_all_close(grads, plain, atol=1e-7, rtol=1e-6, custom_message=policy)
   assert float(jnp.abs(plain["blocks"]["attn"]["q"]["kernel"][0]).max()) > 0  # gradients reach the first block
-  with pytest.raises(ValueError, match="remat"):
+  with pytest.raises(ConfigError, match="'remat' = 'some' is not allowed: one of none, full, dots"):
     dataclasses.replace(cfg, remat="some")
+
+
+def _gemma_like(**changes) -> models.ModelConfig:
+  """Every optional block capability on: layers 0 and 2 windowed (3 keys, their own RoPE base), 1 and 3 full."""
+  fields = dict(family="llama", vocab_size=97, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
+                intermediate_size=64, max_position_embeddings=64, activation="gelu_pytorch_tanh", qk_norm=True,
+                sliding_window=3, full_attention_layers=(1, 3), local_rope=models.RopeConfig(theta=10.0),
+                attn_logit_softcap=2.0, final_logit_softcap=3.0, query_pre_attn_scalar=12, norm_unit_offset=True,
+                post_norms=True, scale_embeddings=True, tie_word_embeddings=True)
+  return models.ModelConfig(**{**fields, **changes})
+
+
+def _perturbed_params(cfg, seed=0):
+  """Random params with the (1 + w) norm weights moved off 0 and the embeddings large enough to saturate caps."""
+  rng = np.random.RandomState(seed)
+  return jax.tree.map(lambda x: (x + 0.3 * rng.normal(size=x.shape)).astype(np.float32),
+                      jax.device_get(models.init_params(cfg, jax.random.key(seed))))
+
+
+def test_unit_offset_rms_norm_scales_by_one_plus_the_weight():
+  from jaxdistill.models.transformer import Norm
+
+  cfg = _gemma_like(norm_eps=0.0)
+  x_1x2 = jnp.array([[3.0, 4.0]])   # rms = sqrt((9 + 16) / 2) = sqrt(12.5)
+  out = Norm(cfg).apply({"params": {"scale": jnp.array([0.5, -1.0])}}, x_1x2)
+  np.testing.assert_allclose(out, [[3 / np.sqrt(12.5) * 1.5, 0.0]], rtol=1e-6)
+  initial = Norm(cfg).init(jax.random.key(0), x_1x2)
+  np.testing.assert_array_equal(initial["params"]["scale"], [0.0, 0.0])   # (1 + 0): the plain RMS norm at init
+  np.testing.assert_allclose(Norm(cfg).apply(initial, x_1x2), x_1x2 / np.sqrt(12.5), rtol=1e-6)
+
+
+def test_final_logit_softcap_and_embedding_scale():
+  cfg = _gemma_like(final_logit_softcap=0.5)
+  params = _perturbed_params(cfg)
+  ids_BxL, mask_BxL = padded_batch("none")
+  out = models.forward(params, cfg, ids_BxL, mask_BxL, output_hidden_states=True)
+  plain = models.forward(params, dataclasses.replace(cfg, final_logit_softcap=0.0), ids_BxL, mask_BxL).logits_BxLxV
+  assert float(jnp.abs(plain).max()) > 2.0 and float(jnp.abs(out.logits_BxLxV).max()) <= 0.5   # saturated
+  np.testing.assert_allclose(out.logits_BxLxV, 0.5 * np.tanh(np.asarray(plain, np.float64) / 0.5), atol=1e-6)
+  embeddings_BxLxD = np.asarray(params["embed"]["embedding"])[ids_BxL] * np.float32(np.sqrt(32))
+  np.testing.assert_allclose(out.hidden_states[0], embeddings_BxLxD, rtol=1e-6)
+
+
+def test_per_layer_windows_in_a_scanned_stack_equal_the_unrolled_stack():
+  """Windowed and full layers share one scanned stack (the window rides along as a traced int, picking the
+  layer's mask, RoPE, and for the fused kernel's mask-free path the kernel); the unrolled stack sees static
+  windows. Outputs and gradients agree."""
+  cfg = _gemma_like(attn_logit_softcap=0.0)   # no cap: the xla path is the fused kernel's
+  params = _perturbed_params(cfg)
+  ids_BxL, mask_BxL = padded_batch("right")
+  real = mask_BxL.astype(bool)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(c, params):
+    def loss(params):
+      out = models.forward(params, c, ids_BxL, mask_BxL, output_hidden_states=True, attention_layers=(0, 1),
+                           right_padded=True)
+      return jnp.mean(jnp.where(real[..., None], out.logits_BxLxV, 0.0) ** 2), out
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+  (_, reference), grads = run(dataclasses.replace(cfg, scan_layers=False, attention="blockwise"), params)
+  for remat, implementation in (("full", "blockwise"), ("none", "xla")):
+    (_, out), other = run(dataclasses.replace(cfg, remat=remat, attention=implementation), params)
+    for ours, theirs in zip((out.logits_BxLxV, *out.hidden_states, *[m.transpose(0, 2, 1, 3) for m in out.attentions]),
+                            (reference.logits_BxLxV, *reference.hidden_states,
+                             *[m.transpose(0, 2, 1, 3) for m in reference.attentions])):
+      assert np.abs(np.asarray(ours) - np.asarray(theirs))[real].max() < 1e-5, (remat, implementation)
+    chex.assert_trees_all_close(other, grads, atol=1e-6, rtol=1e-4, custom_message=f"{remat} {implementation}")
+  window_map, full_map = (np.asarray(m) for m in reference.attentions)
+  assert (window_map[0, :, 8, :6] == 0).all() and (window_map[0, :, 8, 6:] > 0).all()   # layer 0: keys 6..8
+  assert (full_map[0, :, 8] > 0).all()                                                  # layer 1: every key

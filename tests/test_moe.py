@@ -291,9 +291,10 @@ def test_expert_count_is_read_from_either_key():
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(mlp_only_layers=[1, 5]), r"mlp_only_layers \[5\] are outside 0..1 \(num_hidden_layers=2\)"),
-    (dict(num_experts_per_tok=5), r"num_experts_per_tok=5 must be in 1..num_experts \(4\)"),
-    (dict(decoder_sparse_step=0), r"decoder_sparse_step \(0\) must be positive"),
+    (dict(mlp_only_layers=[1, 5]), r"mlp_only_layers=\(1, 5\) is not allowed: layer indices in 0..1 \(num_layers=2; "
+                                   r"\[5\] are outside\)"),
+    (dict(num_experts_per_tok=5), r"num_experts_per_tok=5 is not allowed: an integer in 1..num_experts=4$"),
+    (dict(decoder_sparse_step=0), r"decoder_sparse_step=0 is not allowed: an integer >= 1$"),
     (dict(use_sliding_window=True), r"use_sliding_window=true is not supported"),
 ])
 def test_unsupported_qwen3_moe_options(changes, message):

@@ -9,25 +9,25 @@ import pytest
 
 from jaxdistill import config as config_lib
 from jaxdistill import losses, models, offline_teacher, steps
-from jaxdistill.config import ArchSpec
-from jaxdistill.curriculum import CurriculumConfig
+from jaxdistill.config import arch_group
 from jaxdistill.errors import ConfigError
-from jaxdistill.objective import ObjectiveConfig, init_heads, objective
+from jaxdistill.objective import DistillSpec, ResolvedObjective, curriculum_config, init_heads, objective
+from jaxdistill.objective.components.layerwise import record_layers
 from jaxdistill.offline_teacher import RECORD_KEY, OfflineTeacher, compute_records, layout
 from jaxdistill.optim import OptimConfig, make_optimizer
 from jaxdistill.state import create_train_state
 
 VOCAB = 64
-STUDENT = ArchSpec("llama", VOCAB, 32, 2, 4, 2, 64, 64, True).model_config(VOCAB, "float32", "float32")
-TEACHER = ArchSpec("llama", VOCAB, 48, 3, 6, 2, 96, 64, False).model_config(VOCAB, "float32", "float32")
+STUDENT = models.families.from_arch(arch_group("llama", VOCAB, 32, 2, 4, 2, 64, 64, True))
+TEACHER = models.families.from_arch(arch_group("llama", VOCAB, 48, 3, 6, 2, 96, 64, False))
 # Two phases with different temperatures; kd, lm, layerwise and contrastive weighted (no attention, no router).
-CURRICULUM = CurriculumConfig(boundaries=(0.5,), kd=(0.7, 0.7), lm=(0.3, 0.3), attention=(0.0, 0.0),
-                              feature=(0.0, 0.0), layerwise=(0.05, 0.1), contrastive=(0.05, 0.05),
-                              temperature=(2.0, 1.5))
+CURRICULUM = curriculum_config(boundaries=(0.5,), kd=(0.7, 0.7), lm=(0.3, 0.3), attention=(0.0,), feature=(0.0,),
+                               layerwise=(0.05, 0.1), contrastive=(0.05, 0.05), temperature=(2.0, 1.5))
 
 
-def _objective(top_k=0, **kw):
-  cfg = ObjectiveConfig(total_steps=10, curriculum=CURRICULUM, chunk_size=24, offline_top_k=top_k, **kw)
+def _objective(top_k=0, **distill):
+  cfg = ResolvedObjective(distill=DistillSpec(chunk_size=24, **distill), curriculum=CURRICULUM, total_steps=10,
+                          teacher="records" if top_k else "live", offline_top_k=top_k)
   return cfg.resolve_layers(STUDENT, TEACHER)
 
 
@@ -70,7 +70,7 @@ def test_a_record_holds_the_teachers_top_k_and_each_phases_normaliser(params):
   for phase, t in enumerate((2.0, 1.5)):
     expected = np.log(np.sum(np.exp((z - z.max()) / t)))
     assert float(record["lse"][1, 7, phase]) == pytest.approx(expected, abs=1e-5)
-  assert record["hidden"].shape == (3, 16, len(offline_teacher.hidden_layers(cfg)), TEACHER.hidden_size)
+  assert record["hidden"].shape == (3, 16, len(record_layers(cfg)), TEACHER.hidden_size)
   assert record["pooled"].shape == (3, TEACHER.hidden_size)
 
 
@@ -115,7 +115,7 @@ def test_eval_makes_records_as_training_does(params):
   cfg = _objective(top_k=16)
   optim = OptimConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10)
   tx, _ = make_optimizer(optim)
-  state = create_train_state(trainable["student"], trainable["heads"], tx, jax.random.key(3))
+  state = create_train_state(trainable["student"], trainable["heads"], tx)
   batch = _batch(3)
   evaluated = jax.jit(steps.eval_step, static_argnames="setup")(state, batch, teacher,
                                                                 setup=steps.StepSetup(cfg, STUDENT, TEACHER, optim))
@@ -152,7 +152,7 @@ def test_the_store_round_trips_records_and_survives_reopening(params, tmp_path):
   cfg = _objective(top_k=4)
   arrays = layout(cfg, TEACHER, 16, VOCAB)
   assert arrays["topk_ids"][0] == "uint16"
-  per_token = 4 * (4 + 2) + 2 * 4 + len(offline_teacher.hidden_layers(cfg)) * 48 * 4 + 48 * 4 / 16
+  per_token = 4 * (4 + 2) + 2 * 4 + len(record_layers(cfg)) * 48 * 4 + 48 * 4 / 16
   assert offline_teacher.bytes_per_row(arrays) / 16 == pytest.approx(per_token)
   store = OfflineTeacher(str(tmp_path), {"teacher": "a"}, num_rows=6, arrays=arrays)
   record = jax.device_get(_records(teacher, cfg, _batch(4)))
@@ -177,10 +177,11 @@ def _parse(**overrides):
 
 def test_config_errors_name_the_field():
   off = {"offline_teacher.top_k": 8, "curriculum.attention": (0.0, 0.0, 0.0)}
-  with pytest.raises(ConfigError, match="curriculum.feature"):
+  with pytest.raises(ConfigError, match=r"'curriculum.feature' = \(0.0, 0.1, 0.1\) is not allowed: 0 in every phase "
+                     r"with offline_teacher.top_k=8 \(routing_feature reads what the teacher's records do not keep"):
     _parse(**off)
   off["curriculum.feature"] = (0.0, 0.0, 0.0)
-  assert _parse(**off).objective.offline_top_k == 8
+  assert _parse(**off).objective.offline_top_k == 8 and _parse(**off).objective.teacher == "records"
   with pytest.raises(ConfigError, match="curriculum.attention"):
     _parse(**{"offline_teacher.top_k": 8})
   with pytest.raises(ConfigError, match="distill.kd_top_k"):
@@ -190,5 +191,5 @@ def test_config_errors_name_the_field():
   with pytest.raises(ConfigError, match="offline_teacher.top_k"):
     _parse(**{**off, "offline_teacher.top_k": -1})
   cfg = _parse(**off)
-  assert dataclasses.replace(cfg.objective, offline_top_k=0) == _parse(**{k: v for k, v in off.items()
-                                                                          if k != "offline_teacher.top_k"}).objective
+  live = dataclasses.replace(cfg.objective, teacher="live", offline_top_k=0)
+  assert live == _parse(**{k: v for k, v in off.items() if k != "offline_teacher.top_k"}).objective

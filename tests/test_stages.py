@@ -17,7 +17,8 @@ def test_the_scratch_run_is_the_same_student_by_plain_lm(demo):
   assert scratch.mode == "lm" and scratch.student == demo.student
   assert (scratch.data, scratch.seed, scratch.optim, scratch.train.max_steps) == (
       demo.data, demo.seed, demo.optim, demo.train.max_steps)  # same data, order, steps, tokens
-  assert scratch.objective.curriculum.lm == (1.0, 1.0, 1.0) and not scratch.objective.needs_teacher
+  assert scratch.objective.curriculum.values("lm") == (1.0, 1.0, 1.0) and not scratch.objective.needs_teacher
+  assert [c.name for c in scratch.objective.components()] == ["lm"] and scratch.objective.teacher == "none"
   assert scratch.debug.inject_nonfinite == "" and scratch.stages == config_lib.StagesSpec()
   assert scratch.train.best_metric == "student_lm_loss"  # kl_t1 needs a teacher
 
@@ -64,7 +65,7 @@ def test_a_teacher_with_its_own_tokenizer_trains_on_rows_of_its_own_tokens():
   teacher = stages.teacher_config(cross)
   assert (teacher.tokenizer, teacher.teacher_tokenizer) == ("sp:600", "")
   assert (teacher.data.seq_len, teacher.data.teacher_seq_len) == (40, 0)  # data.teacher_seq_len of the run
-  assert teacher.student.arch.family == "qwen3_moe"
+  assert teacher.student.arch["family"] == "qwen3_moe"
   # The teacher's cache key follows its tokenizer.
   other = config_lib.parse(config_lib.load("configs/cpu_demo.py:cross_smoke", {"teacher_tokenizer": "sp:500"}))
   assert stages.teacher_dir(other) != stages.teacher_dir(cross)

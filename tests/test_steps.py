@@ -10,23 +10,25 @@ import numpy as np
 import pytest
 
 from jaxdistill import models, steps
-from jaxdistill.config import ArchSpec
-from jaxdistill.curriculum import CurriculumConfig
-from jaxdistill.objective import COMPONENTS, ObjectiveConfig, init_heads
+from jaxdistill.config import arch_group
+from jaxdistill.objective import COMPONENTS, ENTRIES, DistillSpec, ResolvedObjective, curriculum_config, init_heads
 from jaxdistill.optim import OptimConfig, make_optimizer
 from jaxdistill.state import NONFINITE_COUNTERS, create_train_state
 
 VOCAB = 64
-STUDENT = ArchSpec("llama", VOCAB, 32, 2, 4, 2, 64, 64, True).model_config(VOCAB, "float32", "float32")
-TEACHER = ArchSpec("llama", VOCAB, 48, 3, 6, 2, 96, 64, False).model_config(VOCAB, "float32", "float32")
-# One phase with every component weighted, so each one matters from step 0.
-ALL_ON = CurriculumConfig(boundaries=(), kd=(0.7,), lm=(0.3,), attention=(0.1,), feature=(0.1,),
-                          layerwise=(0.05,), contrastive=(0.05,), temperature=(2.0,))
+STUDENT = models.families.from_arch(arch_group("llama", VOCAB, 32, 2, 4, 2, 64, 64, True))
+TEACHER = models.families.from_arch(arch_group("llama", VOCAB, 48, 3, 6, 2, 96, 64, False))
+# One phase with every registry component weighted, so each one matters from step 0: the seed run's last-phase
+# weights, 0.05 for any other entry.
+_SEED_WEIGHTS = {"kd": 0.7, "lm": 0.3, "attention": 0.1, "feature": 0.1, "layerwise": 0.05, "contrastive": 0.05}
+ALL_ON = curriculum_config(boundaries=(), temperature=(2.0,),
+                           **{e.name: (_SEED_WEIGHTS.get(e.name, 0.05),) for e in ENTRIES})
 OPTIM = OptimConfig(learning_rate=1e-3, heads_learning_rate=1e-3, warmup_steps=0, total_steps=100)
 
 
 def _setup(curriculum=ALL_ON, optim=OPTIM, **objective):
-  cfg = ObjectiveConfig(total_steps=optim.total_steps, curriculum=curriculum, chunk_size=16, **objective)
+  cfg = ResolvedObjective(distill=DistillSpec(chunk_size=16), curriculum=curriculum, total_steps=optim.total_steps,
+                          **objective)
   return steps.StepSetup(cfg.resolve_layers(STUDENT, TEACHER), STUDENT, TEACHER, optim)
 
 
@@ -34,7 +36,7 @@ def _state(setup, initial_loss_scale=1.0):
   keys = jax.random.split(jax.random.key(0), 4)
   tx, _ = make_optimizer(setup.optim)
   return create_train_state(models.init_params(STUDENT, keys[0]), init_heads(setup.objective, STUDENT, TEACHER, keys[1]),
-                            tx, keys[2], initial_loss_scale)
+                            tx, initial_loss_scale)
 
 
 def _batch(seed=0, batch=4, length=16, pad=True):
@@ -111,7 +113,7 @@ def test_nonfinite_component_is_zeroed_counted_and_the_rest_still_trains(teacher
 def test_nonfinite_component_gives_exactly_the_update_without_it(teacher_params):
   """A NaN kd term contributes nothing: the update equals the one with kd switched off."""
   setup = _setup()
-  no_kd = _setup(curriculum=dataclasses.replace(ALL_ON, kd=(0.0,)))
+  no_kd = _setup(curriculum=ALL_ON.replace(kd=(0.0,)))
   nan_kd = {**_batch(), "inject_nonfinite": jnp.zeros(len(COMPONENTS)).at[0].set(jnp.nan)}
   with_nan, _ = _train(_state(setup), nan_kd, teacher_params, setup=setup)
   without, _ = _train(_state(no_kd), _batch(), teacher_params, setup=no_kd)
@@ -140,8 +142,8 @@ def test_nonfinite_gradients_skip_the_update_and_shrink_the_fp16_loss_scale(teac
 def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch(teacher_params):
   # contrastive (in-batch negatives) and load balance (a product of batch shares) are batch-level
   # statistics, not token means: they are switched off for this identity.
-  curriculum = dataclasses.replace(ALL_ON, contrastive=(0.0,))
-  router_cfg = dataclasses.replace(ObjectiveConfig(1).router, load_balance_coef=0.0)
+  curriculum = ALL_ON.replace(contrastive=(0.0,))
+  router_cfg = dataclasses.replace(ResolvedObjective().router, load_balance_coef=0.0)
   k = 4
   # Adam divides by sqrt(v) + eps: a gradient element near eps = 1e-8, the sum of terms that cancel,
   # turns float32 rounding of the two summation orders into a visible update difference. eps 1e-6
@@ -182,16 +184,16 @@ def test_fifty_steps_and_repeated_evals_compile_once_each(teacher_params):
 
 
 def test_plain_lm_mode_runs_no_teacher_and_reduces_the_loss():
-  """mode 'lm': the same train/eval steps with teacher=None and only the lm term (lm_only curriculum)."""
-  from jaxdistill.curriculum import lm_only
+  """mode 'lm': the same train/eval steps with teacher=None and only the lm term (the plain-LM curriculum)."""
   from jaxdistill.losses import next_token_labels
 
-  objective = ObjectiveConfig(total_steps=100, curriculum=lm_only(CurriculumConfig()), chunk_size=16)
+  objective = ResolvedObjective(distill=DistillSpec(chunk_size=16), total_steps=100).plain_lm()
+  assert objective.teacher == "none" and objective.curriculum.values("lm") == (1.0, 1.0, 1.0)
   setup = steps.StepSetup(objective.resolve_layers(STUDENT, None), STUDENT, None, OPTIM)
   assert not objective.needs_teacher and not objective.needs_heads
   tx, _ = make_optimizer(OPTIM)
   state = create_train_state(models.init_params(STUDENT, jax.random.key(0)),
-                             init_heads(objective, STUDENT, None, jax.random.key(1)), tx, jax.random.key(2))
+                             init_heads(objective, STUDENT, None, jax.random.key(1)), tx)
   assert state.params["heads"] == {}
   batch = _batch(seed=7)
 
@@ -222,7 +224,9 @@ def test_an_identity_alignment_with_one_vocabulary_computes_the_same_objective(t
   """The cross-tokenizer path (aligned pairs, cross-vocabulary kd) reduces to the one-tokenizer path."""
   from jaxdistill.cross_vocab import VocabMap
 
-  setup = _setup()
+  # Every component two tokenizers can serve, in both setups.
+  curriculum = ResolvedObjective(curriculum=ALL_ON).without_unserved(aligned=True).curriculum
+  setup, cross_setup = _setup(curriculum), _setup(curriculum, aligned=True)
   state = _state(setup)
   batch = _batch()
   length = batch["student_input_ids"].shape[1]
@@ -231,12 +235,15 @@ def test_an_identity_alignment_with_one_vocabulary_computes_the_same_objective(t
              "align_mask": batch["student_attention_mask"]}
   vocab_map = VocabMap.from_pairs(np.arange(VOCAB), np.arange(VOCAB), VOCAB)
   plain = _eval(state, batch, teacher_params, setup=setup)
-  cross = _eval(state, aligned, teacher_params, vocab_map, setup=setup)
+  cross = _eval(state, aligned, teacher_params, vocab_map, setup=cross_setup)
   for key in [k for k in plain if k.startswith(("raw/", "loss/"))] + ["loss", "kl_t1", "top1_agreement"]:
     np.testing.assert_allclose(float(cross[key]), float(plain[key]), rtol=2e-5, atol=1e-6, err_msg=key)
   assert float(cross["raw/kd"]) > 0 and float(cross["raw/attention"]) > 0
-  _, trained = _train(_copy(state), aligned, teacher_params, vocab_map, setup=setup)
+  _, trained = _train(_copy(state), aligned, teacher_params, vocab_map, setup=cross_setup)
   np.testing.assert_allclose(float(trained["loss"]), float(plain["loss"]), rtol=2e-5)
+  # The mode is the setup's, not the batch's: an aligned setup refuses a batch without pairs.
+  with pytest.raises(ValueError, match="aligned across two tokenizers, but the batch has no align_student"):
+    _eval(state, batch, teacher_params, vocab_map, setup=cross_setup)
 
 
 def test_the_router_routes_a_moe_teachers_real_experts():
@@ -247,14 +254,15 @@ def test_the_router_routes_a_moe_teachers_real_experts():
 
   moe_teacher = dataclasses.replace(TEACHER, family="qwen3_moe", num_experts=3, num_experts_per_tok=2,
                                     moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=2)
-  cfg = ObjectiveConfig(total_steps=100, curriculum=ALL_ON, chunk_size=16).resolve_layers(STUDENT, moe_teacher)
+  cfg = ResolvedObjective(distill=DistillSpec(chunk_size=16), curriculum=ALL_ON, total_steps=100)
+  cfg = cfg.resolve_layers(STUDENT, moe_teacher)
   # auto -> moe: the last sparse block (1: with sparse step 2 of 3 blocks only block 1 is sparse), 3 experts.
   assert (cfg.router.experts, cfg.router.moe_layer, cfg.router.num_experts, cfg.expert_layers) == ("moe", 1, 3, ())
   blocks = dataclasses.replace(cfg, router=dataclasses.replace(cfg.router, experts="blocks", num_experts=4))
   assert blocks.resolve_layers(STUDENT, moe_teacher).expert_layers == (1, 2, 2, 3)
   with pytest.raises(ConfigError, match=r"'router.moe_layer' = 0 .* -1 or one of the teacher's sparse blocks 1"):
     dataclasses.replace(cfg, router=dataclasses.replace(cfg.router, moe_layer=0)).resolve_layers(STUDENT, moe_teacher)
-  dense = ObjectiveConfig(total_steps=100, router=router.RouterConfig(experts="moe"))
+  dense = ResolvedObjective(total_steps=100, router=router.RouterConfig(experts="moe"))
   with pytest.raises(ConfigError, match=r"'router.experts' = 'moe' .* the teacher has no routed experts"):
     dense.resolve_layers(STUDENT, TEACHER)
 

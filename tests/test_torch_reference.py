@@ -11,14 +11,14 @@ import torch
 
 from bench import torch_reference
 from jaxdistill import losses, models
-from jaxdistill.objective import COMPONENTS, ObjectiveConfig, component_weights, init_heads, objective
+from jaxdistill.objective import DistillSpec, ResolvedObjective, component_weights, init_heads, objective
 from jaxdistill.optim import OptimConfig
-from jaxdistill.schema import ArchSpec
+from jaxdistill.config import arch_group
 
 # Student 2 heads, teacher 6: align_heads averages groups of 3 teacher heads. The teacher's larger
 # vocabulary exercises kd's cut to the shared 80 tokens.
-STUDENT = ArchSpec("llama", 80, 32, 2, 2, 1, 64, 64, True).model_config(80, "float32", "float32")
-TEACHER = ArchSpec("llama", 96, 48, 3, 6, 2, 96, 64, False).model_config(96, "float32", "float32")
+STUDENT = models.families.from_arch(arch_group("llama", 80, 32, 2, 2, 1, 64, 64, True))
+TEACHER = models.families.from_arch(arch_group("llama", 96, 48, 3, 6, 2, 96, 64, False))
 OPTIM = OptimConfig(learning_rate=1e-3, heads_learning_rate=1e-3, warmup_steps=10, total_steps=100,
                     accumulation_steps=2)
 OPT_STEP = 80  # phase 3 of the default curriculum: kd, lm, attention, feature, layerwise, contrastive all > 0
@@ -78,7 +78,9 @@ def _batches():
 def test_reference_step_matches_jaxdistill_objective_and_is_timed(checkpoints):
   """Every component of the first micro-batch, before any update, equals jaxdistill's in fp32."""
   teacher_dir, student_dir, teacher_params, student_params = checkpoints
-  cfg = ObjectiveConfig(total_steps=OPTIM.total_steps).resolve_layers(STUDENT, TEACHER)
+  cfg = ResolvedObjective(total_steps=OPTIM.total_steps).resolve_layers(STUDENT, TEACHER)
+  # The default objective weighs every component the reference has a torch term for, and only those.
+  assert set(torch_reference.TORCH_TERMS) == {c.name for c in cfg.components()}
   heads = init_heads(cfg, STUDENT, TEACHER, jax.random.key(1))
   batches = _batches()
 
@@ -90,7 +92,7 @@ def test_reference_step_matches_jaxdistill_objective_and_is_timed(checkpoints):
       {"student": student_params, "heads": heads}, teacher_params, jax_batch, jnp.int32(OPT_STEP), cfg, STUDENT,
       TEACHER)
   weights = component_weights(jnp.int32(OPT_STEP), cfg)
-  for c in COMPONENTS:
+  for c in torch_reference.TORCH_TERMS:
     assert float(weights[c]) > 0, c  # every component is live at this step...
     assert float(expected[f"raw/{c}"]) > 0.05, c  # ...and well above 0, so a match means something
     assert result["metrics"][f"raw/{c}"] == pytest.approx(float(expected[f"raw/{c}"]), rel=RTOL), c
@@ -118,7 +120,7 @@ def test_loss_options_match_jaxdistill():
   as_torch = lambda *arrays: [torch.from_numpy(a) for a in arrays]  # noqa: E731
   # Each mode once and each tail once: every branch of the divergence and of the top-k selection.
   for mode, top_k, tail in (("forward_kl", 3, "other_bucket"), ("reverse_kl", 3, "renormalize"), ("jsd", 0, "")):
-    cfg = ObjectiveConfig(total_steps=1, kd_mode=mode, jsd_beta=0.3, kd_top_k=top_k, kd_topk_tail=tail)
+    cfg = DistillSpec(kd_mode=mode, jsd_beta=0.3, kd_top_k=top_k, kd_topk_tail=tail)
     ours = torch_reference.kd_loss(*as_torch(student_BxLxV, teacher_BxLxV, mask_BxL), cfg, 1.5)
     theirs = _jitted(losses.kd_loss, student_BxLxV, teacher_BxLxV, mask_BxL, temperature=1.5, mode=mode,
                      jsd_beta=0.3, top_k=top_k, topk_tail=tail)
@@ -128,7 +130,7 @@ def test_loss_options_match_jaxdistill():
   log_p = z_t - np.log(np.exp(z_t).sum(-1, keepdims=True))
   log_q = z_s - np.log(np.exp(z_s).sum(-1, keepdims=True))
   by_hand = 1.5 ** 2 * (np.exp(log_p) * (log_p - log_q)).sum(-1)[mask_BxL == 1].mean()
-  ours = torch_reference.kd_loss(*as_torch(student_BxLxV, teacher_BxLxV, mask_BxL), ObjectiveConfig(1), 1.5)
+  ours = torch_reference.kd_loss(*as_torch(student_BxLxV, teacher_BxLxV, mask_BxL), DistillSpec(), 1.5)
   assert float(ours) == pytest.approx(by_hand, rel=1e-5)
 
   ids_BxL = np.array([[3, 1, 4], [1, 5, 0]], np.int32)
@@ -142,8 +144,8 @@ def test_loss_options_match_jaxdistill():
   assert float(ours) == pytest.approx(theirs, rel=1e-5)
 
 
-def test_reference_rejects_what_it_does_not_cover():
-  cfg = ObjectiveConfig(total_steps=OPTIM.total_steps).resolve_layers(STUDENT, TEACHER)
+def test_reference_rejects_what_it_does_not_cover(monkeypatch):
+  cfg = ResolvedObjective(total_steps=OPTIM.total_steps).resolve_layers(STUDENT, TEACHER)
   aligned = [dict(_batches()[0], align_mask=np.ones((BATCH, LENGTH), np.int32))]
   with pytest.raises(ValueError, match="one tokenizer"):
     torch_reference.run_reference("unused", "unused", aligned, cfg, OPT_STEP, {"x": 0}, OPTIM)
@@ -152,3 +154,10 @@ def test_reference_rejects_what_it_does_not_cover():
     torch_reference.run_reference("unused", "unused", _batches(), moe, OPT_STEP, {"x": 0}, OPTIM)
   with pytest.raises(ValueError, match="heads_params is empty"):
     torch_reference.run_reference("unused", "unused", _batches(), cfg, OPT_STEP, {}, OPTIM)
+  # An enabled registry component without a torch term is named, not silently left out of the comparison.
+  monkeypatch.delitem(torch_reference.TORCH_TERMS, "contrastive")
+  assert torch_reference.uncovered(cfg) == ["contrastive"]
+  with pytest.raises(ValueError, match=r"no term for contrastive .* set its curriculum weight to 0"):
+    torch_reference.run_reference("unused", "unused", _batches(), cfg, OPT_STEP, {"x": 0}, OPTIM)
+  off = dataclasses.replace(cfg, curriculum=cfg.curriculum.replace(contrastive=(0.0,)))
+  assert torch_reference.uncovered(off) == []

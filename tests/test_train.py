@@ -8,8 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import DISTILL_ONLY, SMOKE, run_train as _run, train_command as _command
-from jaxdistill.metrics import read_records
+from conftest import DISTILL_ONLY, SMOKE, read_records, run_train as _run, train_command as _command
 from jaxdistill.objective import COMPONENTS
 
 # A longer smoke run for interruption tests: 40 optimizer steps, checkpoints every 5.
@@ -62,7 +61,7 @@ def test_run_prints_the_blocks_users_read(smoke_run):
   # The distillation loads the trained teacher from the user cache, as a Hugging Face checkpoint.
   teacher_line = next(l for l in out.splitlines() if l.startswith("  teacher : "))
   assert "/jaxdistill/teachers/llama-64x2-" in teacher_line and teacher_line.split()[2].endswith("/student_hf")
-  assert "phase 2 from  30%: kd=0.7  lm=0.3  attention=0.1  feature=0.1" in out
+  assert "phase 2 from  30%: kd=0.7  lm=0.3  attention=0.1  layerwise=0  contrastive=0  feature=0.1  T=1" in out
   for block in ("[TRAIN DEBUG] step 5", "[CURRICULUM] train step 5/12", "[EVAL] step 5:",
                 "[CURRICULUM] eval step 5/12", "[TRAIN DEBUG] step 10", "[EVAL] step 12:", "[MONITOR] no warnings",
                 "[DONE] student exported to"):

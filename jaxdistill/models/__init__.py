@@ -1,6 +1,7 @@
 """Flax causal LMs and their Hugging Face checkpoint I/O."""
 
-from jaxdistill.models.config import SUPPORTED_FAMILIES, ModelConfig, RopeConfig, from_hf_config, to_hf_config
+from jaxdistill.models.config import ModelConfig, RopeConfig, from_hf_config, to_hf_config
+from jaxdistill.models.families import SUPPORTED_FAMILIES
 from jaxdistill.models.hf_io import Pretrained, load_pretrained, save_pretrained
 from jaxdistill.models.transformer import LMOutput, default_positions, forward, init_params, param_shapes, unembed
 

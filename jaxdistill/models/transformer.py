@@ -1,9 +1,10 @@
-"""Flax causal LM covering the Llama, Qwen2, Qwen3, GPT-2, Qwen3-MoE and Mixtral families.
+"""Flax causal LM of all the families (models/families/): they differ only in ModelConfig's capabilities.
 
 One module, configured by `ModelConfig`; `forward` is the pure entry point
 (params pytree in, arrays out). Blocks of one kind are stored stacked (`ModelConfig.stacks`: each
 leaf has a leading layer axis) and run as one `lax.scan` per run of consecutive blocks, so compile
-time does not grow with depth; the remat policy applies to the scanned block. Attention goes through
+time does not grow with depth; the remat policy applies to the scanned block. Windowed and global
+layers share a stack: each layer's window rides along the scan. Attention goes through
 `attention.attend` (cuDNN flash attention, or query blocks under remat): no layer keeps a B*H*L*L map.
 Per-layer outputs are returned only when asked for: hidden states (the scan's outputs), router logits,
 and for the static tuples `qk_layers` / `attention_layers` / `expert_layers` each such layer's q and k
@@ -19,6 +20,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdistill.models import attention, moe
 from jaxdistill.models.config import ModelConfig
@@ -65,7 +67,11 @@ def _init(cfg: ModelConfig):
 
 
 class Norm(nn.Module):
-  """RMSNorm or LayerNorm computed in float32 and cast back, as transformers does."""
+  """RMSNorm or LayerNorm computed in float32 and cast back, as transformers does.
+
+  With `norm_unit_offset` the RMSNorm weight w stores the scale's offset from 1 and the product with
+  (1 + w) is taken in float32 before the cast (transformers' Gemma order; Llama casts first).
+  """
   cfg: ModelConfig
 
   @nn.compact
@@ -74,8 +80,11 @@ class Norm(nn.Module):
     features = x.shape[-1]
     x32 = x.astype(jnp.float32)
     if cfg.norm == "rms":
-      scale = self.param("scale", nn.initializers.ones, (features,), cfg.param_dtype)
+      init = nn.initializers.zeros if cfg.norm_unit_offset else nn.initializers.ones
+      scale = self.param("scale", init, (features,), cfg.param_dtype)
       normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+      if cfg.norm_unit_offset:
+        return (normed * (1.0 + scale.astype(jnp.float32))).astype(cfg.dtype)
       return scale.astype(cfg.dtype) * normed.astype(cfg.dtype)
     scale = self.param("scale", nn.initializers.ones, (features,), cfg.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (features,), cfg.param_dtype)
@@ -91,11 +100,15 @@ def _dense(cfg: ModelConfig, features: int, use_bias: bool, name: str) -> nn.Den
 
 
 class Attention(nn.Module):
-  """Grouped-query attention; returns the output and the layer's queries and keys (after RoPE and norms)."""
+  """Grouped-query attention; returns the output and the layer's queries and keys (after RoPE and norms).
+
+  `window` is the layer's sliding window (0: none): a python int, or traced in a scan over a stack that
+  mixes windowed and full layers; it also picks the windowed layers' RoPE (`local_rope`).
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxL, layer, right_padded: bool):
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxL, layer, right_padded: bool, window: int | jax.Array = 0):
     cfg = self.cfg
     batch, length, _ = x_BxLxD.shape
     heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -106,15 +119,27 @@ class Attention(nn.Module):
       q = Norm(cfg, name="q_norm")(q)
       k = Norm(cfg, name="k_norm")(k)
     if cfg.rope is not None:
-      inv_freq = inverse_frequencies(cfg.rope, head_dim)
+      inv_freq = _inverse_frequencies(cfg, window)
       q = apply_rope(q, positions_BxL, inv_freq)
       k = apply_rope(k, positions_BxL, inv_freq)
     out_BxLxNxK = attention.attend(
-        q, k, v, mask_BxL, head_scale=head_dim ** -0.5, layer_factor=_layer_factor(cfg, layer),
-        implementation=attention.resolve_implementation(cfg.attention, cfg.dtype, head_dim),
-        block=cfg.attention_block, right_padded=right_padded, window=cfg.sliding_window)
+        q, k, v, mask_BxL, head_scale=cfg.attention_scale, layer_factor=_layer_factor(cfg, layer),
+        implementation=attention.resolve_implementation(cfg.attention, cfg.dtype, head_dim, cfg.attn_logit_softcap),
+        block=cfg.attention_block, right_padded=right_padded, window=window, windows=(cfg.sliding_window, 0),
+        softcap=cfg.attn_logit_softcap)
     out_BxLxD = _dense(cfg, cfg.hidden_size, cfg.o_bias, "o")(out_BxLxNxK.reshape(batch, length, heads * head_dim))
     return out_BxLxD, q, k
+
+
+def _inverse_frequencies(cfg: ModelConfig, window):
+  """The RoPE frequencies of a layer with sliding window `window` (traced in a mixed scan: both, then one picked)."""
+  inv_freq = inverse_frequencies(cfg.rope, cfg.head_dim)
+  if cfg.local_rope is None:
+    return inv_freq
+  local = inverse_frequencies(cfg.local_rope, cfg.head_dim)
+  if isinstance(window, int):
+    return local if window else inv_freq
+  return jnp.where(window > 0, local, inv_freq)
 
 
 def _layer_factor(cfg: ModelConfig, layer):
@@ -189,7 +214,8 @@ class SparseMoE(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm attention and MLP (or routed experts) with residuals.
+  """Pre-norm attention and MLP (or routed experts) with residuals; with `post_norms` each sublayer's
+  output is normed too before its residual add.
 
   Returns (x_BxLxD, the layer's q and k, router logits or None, the expert-capture buffer or None).
   """
@@ -197,15 +223,21 @@ class Block(nn.Module):
   sparse: bool = False  # routed experts instead of the dense MLP
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxL, layer, right_padded: bool = False, capture=None):
-    attn_out, q, k = Attention(self.cfg, name="attn")(
-        Norm(self.cfg, name="attn_norm")(x_BxLxD), positions_BxL, mask_BxL, layer, right_padded)
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxL, layer, right_padded: bool = False, capture=None,
+               window: int | jax.Array = 0):
+    cfg = self.cfg
+    attn_out, q, k = Attention(cfg, name="attn")(
+        Norm(cfg, name="attn_norm")(x_BxLxD), positions_BxL, mask_BxL, layer, right_padded, window)
+    if cfg.post_norms:
+      attn_out = Norm(cfg, name="attn_post_norm")(attn_out)
     x_BxLxD = x_BxLxD + attn_out
-    normed_BxLxD = Norm(self.cfg, name="mlp_norm")(x_BxLxD)
+    normed_BxLxD = Norm(cfg, name="mlp_norm")(x_BxLxD)
     if self.sparse:
-      mlp_out, router_logits, buffer = SparseMoE(self.cfg, name="mlp")(normed_BxLxD, capture)
+      mlp_out, router_logits, buffer = SparseMoE(cfg, name="mlp")(normed_BxLxD, capture)
     else:
-      mlp_out, router_logits, buffer = MLP(self.cfg, name="mlp")(normed_BxLxD), None, capture and capture[0]
+      mlp_out, router_logits, buffer = MLP(cfg, name="mlp")(normed_BxLxD), None, capture and capture[0]
+    if cfg.post_norms:
+      mlp_out = Norm(cfg, name="mlp_post_norm")(mlp_out)
     return x_BxLxD + mlp_out, q, k, router_logits, buffer
 
 
@@ -263,17 +295,22 @@ def _run_blocks(cfg: ModelConfig, stack_params, stack: str, layers: tuple[int, .
   if (first, len(layers)) != (0, len(cfg.stacks[stack])):
     stack_params = jax.tree.map(lambda p: p[first:first + len(layers)], stack_params)
   scratch = len(qk_slots)
+  windows = [cfg.window_of(layer) for layer in layers]
+  # Windowed and full layers in one scan: each layer's window rides along as a traced int; otherwise it is static.
+  traced_window = cfg.scan_layers and len(set(windows)) > 1
 
-  def apply_block(params, x_BxLxD, layer, capture):
-    return block.apply({"params": params}, x_BxLxD, positions_BxL, mask_BxL, layer, right_padded, capture)
+  def apply_block(params, x_BxLxD, layer, capture, window):
+    return block.apply({"params": params}, x_BxLxD, positions_BxL, mask_BxL, layer, right_padded, capture, window)
 
   if cfg.remat != "none":
-    apply_block = jax.checkpoint(apply_block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    apply_block = jax.checkpoint(apply_block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
+                                 static_argnums=() if traced_window else (4,))
 
   def one(carry: _Carry, xs):
-    params, layer, qk_slot, expert_slot = xs
+    params, layer, qk_slot, expert_slot, window = xs
+    window = windows[0] if window is None else window
     capture = None if carry.expert_buffer is None else (carry.expert_buffer, expert_slot)
-    x_BxLxD, q, k, router_logits, expert_buffer = apply_block(params, carry.x_BxLxD, layer, capture)
+    x_BxLxD, q, k, router_logits, expert_buffer = apply_block(params, carry.x_BxLxD, layer, capture, window)
     x_BxLxD = constrain_batch(x_BxLxD)
     q_buffer, k_buffer = carry.q_buffer, carry.k_buffer
     if q_buffer is not None:
@@ -286,11 +323,12 @@ def _run_blocks(cfg: ModelConfig, stack_params, stack: str, layers: tuple[int, .
   expert_index = [expert_slots.get(layer, -1) for layer in layers]
   if cfg.scan_layers:
     xs = (stack_params, jnp.asarray(layers, jnp.int32), jnp.asarray(qk_index, jnp.int32),
-          jnp.asarray(expert_index, jnp.int32))
+          jnp.asarray(expert_index, jnp.int32), jnp.asarray(windows, jnp.int32) if traced_window else None)
     return jax.lax.scan(one, carry, xs)
   outputs = []
   for i, layer in enumerate(layers):
-    carry, ys = one(carry, (jax.tree.map(lambda p, i=i: p[i], stack_params), layer, qk_index[i], expert_index[i]))
+    carry, ys = one(carry, (jax.tree.map(lambda p, i=i: p[i], stack_params), layer, qk_index[i], expert_index[i],
+                            windows[i]))
     outputs.append(ys)
   return carry, jax.tree.map(lambda *ys: jnp.stack(ys), *outputs)
 
@@ -318,6 +356,8 @@ class CausalLM(nn.Module):
     cfg = self.cfg
     batch, length = input_ids_BxL.shape
     x_BxLxD = self.embed(input_ids_BxL)
+    if cfg.scale_embeddings:  # sqrt(hidden_size) rounded to float32, then to the compute dtype, as transformers does
+      x_BxLxD = x_BxLxD * jnp.asarray(np.float32(cfg.hidden_size ** 0.5), x_BxLxD.dtype)
     if cfg.rope is None:
       x_BxLxD = x_BxLxD + self.pos_embed(positions_BxL)
     x_BxLxD = constrain_batch(x_BxLxD)
@@ -342,8 +382,9 @@ class CausalLM(nn.Module):
     final_BxLxD = self.final_norm(carry.x_BxLxD)
     hidden_states = hidden_states[:-1] + [final_BxLxD]
     queries_keys = tuple(
-        attention.QueriesKeys(carry.q_buffer[slot], carry.k_buffer[slot], jnp.float32(cfg.head_dim ** -0.5) * (
-            1.0 if _layer_factor(cfg, layer) is None else _layer_factor(cfg, layer)), window=cfg.sliding_window)
+        attention.QueriesKeys(carry.q_buffer[slot], carry.k_buffer[slot], jnp.float32(cfg.attention_scale) * (
+            1.0 if _layer_factor(cfg, layer) is None else _layer_factor(cfg, layer)), window=cfg.window_of(layer),
+            softcap=cfg.attn_logit_softcap)
         for slot, layer in enumerate(qk_layers))
     return LMOutput(
         logits_BxLxV=self.unembed(final_BxLxD) if compute_logits else None,
@@ -355,10 +396,13 @@ class CausalLM(nn.Module):
         queries_keys=queries_keys)
 
   def unembed(self, hidden_BxLxD):
-    """LM head: final hidden states -> logits (tied to the embeddings or a separate matrix)."""
-    if self.cfg.tie_word_embeddings:
-      return self.embed.attend(hidden_BxLxD)
-    return self.lm_head(hidden_BxLxD)
+    """LM head: final hidden states -> logits (tied to the embeddings or a separate matrix), soft-capped
+    with `final_logit_softcap`."""
+    cfg = self.cfg
+    logits = self.embed.attend(hidden_BxLxD) if cfg.tie_word_embeddings else self.lm_head(hidden_BxLxD)
+    if cfg.final_logit_softcap:
+      logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+    return logits
 
 
 def default_positions(mask_BxL: jax.Array) -> jax.Array:

@@ -1,5 +1,6 @@
 """Tensor-name mapping between transformers state dicts and the Flax params pytree.
 
+Each family names its tensors (`Family.weight_rules`, models/families/); this module applies the rules.
 A rule ties one transformers tensor (or one per expert, stacked) to one or more Flax leaves.
 PyTorch `nn.Linear` stores [out, in] and is transposed; GPT-2's `Conv1D` already stores [in, out];
 GPT-2's fused `c_attn` and Phi-3's fused `qkv_proj` are split into the q, k and v kernels at the widths
@@ -17,117 +18,18 @@ Checkpoints store them in one of two layouts, both read:
   `mlp.experts.gate_up_proj` [E, 2I, D] (gate rows first) and `mlp.experts.down_proj` [E, D, I].
 """
 
-import dataclasses
-
 import jax
 import numpy as np
 
 from jaxdistill.errors import ModelLoadError
+from jaxdistill.models import families
 from jaxdistill.models.config import ModelConfig
-
-Path = tuple[str, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  hf_name: str          # with `stack`: a pattern whose '{e}' is the expert index
-  flax_paths: tuple[Path, ...]
-  transpose: bool = False  # swap the last two axes (PyTorch [out, in] -> Flax [in, out])
-  split_axis: int = -1  # axis of the (transposed) tensor split across `flax_paths`, at their expected widths
-  stack: int = 0        # > 0: this many tensors `hf_name.format(e=...)`, stacked on a new axis 0
-
-  @property
-  def hf_names(self) -> tuple[str, ...]:
-    if not self.stack:
-      return (self.hf_name,)
-    return tuple(self.hf_name.format(e=e) for e in range(self.stack))
-
-
-def _linear(hf_prefix: str, flax_path: Path, bias: bool) -> list[Rule]:
-  rules = [Rule(f"{hf_prefix}.weight", (flax_path + ("kernel",),), transpose=True)]
-  if bias:
-    rules.append(Rule(f"{hf_prefix}.bias", (flax_path + ("bias",),)))
-  return rules
-
-
-def _norm(hf_prefix: str, flax_path: Path, with_bias: bool) -> list[Rule]:
-  rules = [Rule(f"{hf_prefix}.weight", (flax_path + ("scale",),))]
-  if with_bias:
-    rules.append(Rule(f"{hf_prefix}.bias", (flax_path + ("bias",),)))
-  return rules
-
-
-def _expert_rules(cfg: ModelConfig, hf_layer: str, flax_mlp: Path, fused: bool) -> list[Rule]:
-  """Router and stacked expert kernels of one sparse layer, in the per-expert or the fused layout."""
-  if fused:
-    return [*_linear(f"{hf_layer}.mlp.gate", flax_mlp + ("router",), False),
-            Rule(f"{hf_layer}.mlp.experts.gate_up_proj", (flax_mlp + ("gate",), flax_mlp + ("up",)), transpose=True),
-            Rule(f"{hf_layer}.mlp.experts.down_proj", (flax_mlp + ("down",),), transpose=True)]
-  if cfg.family == "mixtral":
-    hf_moe, hf_names = f"{hf_layer}.block_sparse_moe", {"gate": "w1", "up": "w3", "down": "w2"}
-  else:
-    hf_moe, hf_names = f"{hf_layer}.mlp", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-  rules = _linear(f"{hf_moe}.gate", flax_mlp + ("router",), False)
-  for flax_name, hf_name in hf_names.items():
-    rules.append(Rule(f"{hf_moe}.experts.{{e}}.{hf_name}.weight", (flax_mlp + (flax_name,),), transpose=True,
-                      stack=cfg.num_experts))
-  return rules
-
-
-def _llama_like_rules(cfg: ModelConfig, fused_experts: bool) -> list[Rule]:
-  rules = [Rule("model.embed_tokens.weight", (("embed", "embedding"),))]
-  for i in range(cfg.num_layers):
-    hf, fx = f"model.layers.{i}", (f"layers_{i}",)
-    rules += _norm(f"{hf}.input_layernorm", fx + ("attn_norm",), False)
-    rules += _norm(f"{hf}.post_attention_layernorm", fx + ("mlp_norm",), False)
-    if cfg.family == "phi3":  # fused q/k/v rows, one matrix
-      rules.append(Rule(f"{hf}.self_attn.qkv_proj.weight", tuple(fx + ("attn", n, "kernel") for n in "qkv"),
-                        transpose=True))
-    else:
-      for name in ("q", "k", "v"):
-        rules += _linear(f"{hf}.self_attn.{name}_proj", fx + ("attn", name), cfg.qkv_bias)
-    rules += _linear(f"{hf}.self_attn.o_proj", fx + ("attn", "o"), cfg.o_bias)
-    if cfg.qk_norm:
-      rules += _norm(f"{hf}.self_attn.q_norm", fx + ("attn", "q_norm"), False)
-      rules += _norm(f"{hf}.self_attn.k_norm", fx + ("attn", "k_norm"), False)
-    if cfg.is_sparse_layer(i):
-      rules += _expert_rules(cfg, hf, fx + ("mlp",), fused_experts)
-    elif cfg.family == "phi3":  # fused gate (first) and up rows
-      rules.append(Rule(f"{hf}.mlp.gate_up_proj.weight", (fx + ("mlp", "gate", "kernel"), fx + ("mlp", "up", "kernel")),
-                        transpose=True))
-      rules += _linear(f"{hf}.mlp.down_proj", fx + ("mlp", "down"), False)
-    else:
-      for name in ("gate", "up", "down"):
-        rules += _linear(f"{hf}.mlp.{name}_proj", fx + ("mlp", name), cfg.mlp_bias)
-  rules += _norm("model.norm", ("final_norm",), False)
-  if not cfg.tie_word_embeddings:
-    rules += _linear("lm_head", ("lm_head",), False)
-  return rules
-
-
-def _gpt2_rules(cfg: ModelConfig) -> list[Rule]:
-  rules = [Rule("transformer.wte.weight", (("embed", "embedding"),)),
-           Rule("transformer.wpe.weight", (("pos_embed", "embedding"),))]
-  for i in range(cfg.num_layers):
-    hf, fx = f"transformer.h.{i}", (f"layers_{i}",)
-    qkv = tuple(fx + ("attn", name) for name in ("q", "k", "v"))
-    rules += [Rule(f"{hf}.attn.c_attn.weight", tuple(p + ("kernel",) for p in qkv), split_axis=1),
-              Rule(f"{hf}.attn.c_attn.bias", tuple(p + ("bias",) for p in qkv), split_axis=0)]
-    for hf_name, flax_path in (("attn.c_proj", ("attn", "o")), ("mlp.c_fc", ("mlp", "fc")),
-                               ("mlp.c_proj", ("mlp", "proj"))):
-      rules += [Rule(f"{hf}.{hf_name}.weight", (fx + flax_path + ("kernel",),)),
-                Rule(f"{hf}.{hf_name}.bias", (fx + flax_path + ("bias",),))]
-    rules += _norm(f"{hf}.ln_1", fx + ("attn_norm",), True)
-    rules += _norm(f"{hf}.ln_2", fx + ("mlp_norm",), True)
-  rules += _norm("transformer.ln_f", ("final_norm",), True)
-  if not cfg.tie_word_embeddings:
-    rules += _linear("lm_head", ("lm_head",), False)
-  return rules
+from jaxdistill.models.families.base import Path, Rule
 
 
 def rules_for(cfg: ModelConfig, fused_experts: bool = False) -> list[Rule]:
-  """The rules of `cfg`'s checkpoint; `fused_experts` picks the in-memory MoE layout (module docstring)."""
-  return _gpt2_rules(cfg) if cfg.family == "gpt2" else _llama_like_rules(cfg, fused_experts)
+  """The rules of `cfg`'s checkpoint (its family's); `fused_experts` picks the in-memory MoE layout (above)."""
+  return families.get(cfg.family, "ModelConfig").weight_rules(cfg, fused_experts)
 
 
 def has_fused_experts(state: dict) -> bool:

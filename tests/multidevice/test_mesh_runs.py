@@ -15,14 +15,14 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import read_records
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 
 from jaxdistill import config as config_lib
 from jaxdistill import models, parallel
-from jaxdistill.config import ArchSpec
+from jaxdistill.config import arch_group
 from jaxdistill.errors import ConfigError
-from jaxdistill.metrics import read_records
 from jaxdistill.optim import OptimConfig, make_optimizer
 from jaxdistill.state import create_placed_train_state
 from jaxdistill.trainer import train_and_evaluate
@@ -114,9 +114,9 @@ def test_a_batch_that_does_not_split_over_the_batch_axes_is_one_clear_error(tmp_
 
 def test_fsdp_splits_the_params_and_every_optimizer_copy_of_them_alike():
   plan = parallel.MeshPlan(parallel.MeshSpec(data=1, fsdp=8))
-  student = ArchSpec("llama", 64, 32, 2, 4, 2, 64, 64, True).model_config(64, "float32", "float32")
+  student = models.families.from_arch(arch_group("llama", 64, 32, 2, 4, 2, 64, 64, True))
   tx, _ = make_optimizer(OptimConfig(accumulation_steps=2))
-  state = create_placed_train_state(plan, models.init_params(student, jax.random.key(0)), {}, tx, jax.random.key(1))
+  state = create_placed_train_state(plan, models.init_params(student, jax.random.key(0)), {}, tx)
   blocks = state.params["student"]["blocks"]   # 2 blocks stacked: the layer axis is never split
   q_kernel = blocks["attn"]["q"]["kernel"]   # [2, 32, 32]: per block, the first largest dim
   assert q_kernel.sharding.spec == P(None, "fsdp", None)
