@@ -9,11 +9,12 @@ from typing import Any, Mapping
 
 from jaxdistill.errors import ConfigError, ModelLoadError
 from jaxdistill.models.config import ModelConfig
-from jaxdistill.models.families import gpt2, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe
+from jaxdistill.models.families import gemma2, gemma3_text, gpt2, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe
 from jaxdistill.models.families.base import Family, check
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, gpt2.FAMILY,
-                                                   qwen3_moe.FAMILY, mixtral.FAMILY, mistral.FAMILY, phi3.FAMILY)}
+                                                   qwen3_moe.FAMILY, mixtral.FAMILY, mistral.FAMILY, phi3.FAMILY,
+                                                   gemma2.FAMILY, gemma3_text.FAMILY)}
 SUPPORTED_FAMILIES = tuple(FAMILIES)
 
 
