@@ -6,7 +6,7 @@ test, and its line here.
 """
 
 from jaxdistill.objective.component import Component, Entry
-from jaxdistill.objective.components import attention, contrastive, kd, layerwise, lm, routing
+from jaxdistill.objective.components import attention, contrastive, kd, layerwise, lm, routing, total_variation
 
 REGISTRY: tuple[Component, ...] = (
     kd.COMPONENT,
@@ -17,6 +17,7 @@ REGISTRY: tuple[Component, ...] = (
     routing.ROUTING_FEATURE,
     routing.ROUTING_LOAD_BALANCE,
     routing.ROUTING_ATTENTION_ALIGNMENT,
+    total_variation.COMPONENT,
 )
 
 COMPONENTS: tuple[str, ...] = tuple(c.name for c in REGISTRY)
