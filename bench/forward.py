@@ -13,13 +13,13 @@ cli.quiet_environment()
 import statistics  # noqa: E402
 import time  # noqa: E402
 
+from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from absl import flags  # noqa: E402
 
 from jaxdistill import config as config_lib  # noqa: E402
-from jaxdistill.build import build_model, build_tokenizer  # noqa: E402
 from jaxdistill.models import forward  # noqa: E402
+from jaxdistill.training.build import build_model, build_tokenizer  # noqa: E402
 
 _CONFIG = config_lib.define_config_flag()
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls after the compiling one.")

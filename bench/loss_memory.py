@@ -13,11 +13,11 @@ cli.quiet_environment()
 
 import functools  # noqa: E402
 
+from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from absl import flags  # noqa: E402
 
-from jaxdistill import losses  # noqa: E402
+from jaxdistill.objective import losses  # noqa: E402
 
 _BATCH = flags.DEFINE_integer("batch", 4, "Sequences.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Tokens per sequence.")

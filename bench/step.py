@@ -32,15 +32,16 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
+from absl import flags  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import flags  # noqa: E402
 
 from jaxdistill import config as config_lib  # noqa: E402
-from jaxdistill import offline_teacher, parallel, steps  # noqa: E402
-from jaxdistill.build import build_run, build_tokenizer  # noqa: E402
+from jaxdistill import parallel  # noqa: E402
 from jaxdistill.models import ModelConfig, param_shapes, save_pretrained  # noqa: E402
-
+from jaxdistill.objective import offline_teacher  # noqa: E402
+from jaxdistill.training import steps  # noqa: E402
+from jaxdistill.training.build import build_run, build_tokenizer  # noqa: E402
 
 
 def _define_flags() -> None:
@@ -131,7 +132,8 @@ def build(cfg: config_lib.Config, batch_size: int, seq_len: int) -> Bench:
   plan.check_batch_size(batch_size)
   run = build_run(cfg, plan, cfg.train.max_steps or 1000, build_tokenizer(cfg), seq_len=seq_len)
   teacher_config = run.setup.teacher
-  vocab = min(run.setup.student.vocab_size, teacher_config.vocab_size if teacher_config else run.setup.student.vocab_size)
+  student_vocab = run.setup.student.vocab_size
+  vocab = min(student_vocab, teacher_config.vocab_size if teacher_config else student_vocab)
   tokens = np.random.default_rng(cfg.seed)  # the batches' own generator: the models' keys are training's
   batches = []
   for _ in range(cfg.optim.accumulation_steps):

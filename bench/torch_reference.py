@@ -3,7 +3,7 @@
     python -m bench.torch_reference --teacher DIR --student DIR [--batch_size 2 --seq_len 64
         --accumulation 2 --dtype bfloat16 --device cuda --repeats 5]
 
-One optimizer step, exactly the step `jaxdistill.steps.train_step` takes over `accumulation_steps`
+One optimizer step, exactly the step `jaxdistill.training.steps.train_step` takes over `accumulation_steps`
 micro-batches, run the old way: transformers' PyTorch models in eager mode (eager attention), both
 called with every hidden state and attention map, the teacher under `torch.no_grad()`, mixed
 precision by `torch.autocast` (bf16, or fp16 with a `GradScaler`), `loss / k` backward per
@@ -32,15 +32,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from jaxdistill import curriculum, router  # noqa: E402
 from jaxdistill import objective as objective_lib  # noqa: E402
 from jaxdistill.models import config as model_config  # noqa: E402
 from jaxdistill.models import hf_io  # noqa: E402
-from jaxdistill.objective import COMPONENTS, DistillSpec, ResolvedObjective  # noqa: E402
-from jaxdistill.optim import OptimConfig, lr_schedule  # noqa: E402
+from jaxdistill.objective import COMPONENTS, DistillSpec, ResolvedObjective, curriculum, router  # noqa: E402
+from jaxdistill.training.optim import OptimConfig, lr_schedule  # noqa: E402
 
 _EPS = 1e-12
 _AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,7 +47,7 @@ _BATCH_KEYS = ("student_input_ids", "student_attention_mask", "teacher_input_ids
 
 
 # --------------------------------------------------------------------------------------------
-# Losses: jaxdistill/losses.py in torch, float32, same masks and formulas.
+# Losses: jaxdistill/objective/losses.py in torch, float32, same masks and formulas.
 
 def masked_mean(value_BxL, mask_BxL):
   """sum(mask * value) / max(sum(mask), 1), masked values selected away."""
@@ -167,7 +166,7 @@ def contrastive_loss(student_BxD, teacher_BxD, temperature: float, valid_B):
 
 
 # --------------------------------------------------------------------------------------------
-# Router: jaxdistill/router.py in torch.
+# Router: jaxdistill/objective/router.py in torch.
 
 def gates(gate_logits_BxLxE, top_k: int, temperature: float):
   """Softmax(logits / T) over each token's top_k logits (by stable rank, as jaxdistill), 0 elsewhere."""

@@ -143,8 +143,8 @@ def main(argv) -> None:
   path = model_dir(FLAGS.model)
   if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
     raise ModelLoadError(f"{path}: neither a checkpoint (no config.json) nor a run workdir (no {STUDENT_DIR}/)")
+  from jaxdistill.data.tokenizer import load_tokenizer
   from jaxdistill.models import load_pretrained  # after validation: keeps flag errors fast
-  from jaxdistill.tokenizer import load_tokenizer
 
   model = load_pretrained(path, param_dtype=FLAGS.dtype, dtype=FLAGS.dtype)
   tokenizer = load_tokenizer(path)

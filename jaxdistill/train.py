@@ -56,7 +56,8 @@ def main(argv) -> None:
   resume = None if _RESUME.value in (None, LATEST) else _RESUME.value
   if _RESUME.value == LATEST and not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise ConfigError("--resume", LATEST, f"a run with checkpoints: {workdir} has none")
-  from jaxdistill import parallel, stages  # after flag parsing: keeps --help and config errors fast
+  from jaxdistill import parallel  # after flag parsing: keeps --help and config errors fast
+  from jaxdistill.training import stages
 
   parallel.initialize(cfg.mesh)  # a multi-host run joins its cluster before any device is touched
   stages.run(cfg, workdir, resume)

@@ -120,7 +120,7 @@ def hold(directory: str, what: str = "workdir", name: str = LOCK_FILE, enabled: 
   try:
     stale = _take(fd, directory, what, path)
     if stale:
-      from jaxdistill.metrics import log  # here: metrics imports jax
+      from jaxdistill.training.metrics import log  # here: metrics imports jax
       log(f"[LOCK] {what} {directory}: the run that held it ({_holder_line(stale)}) is gone; taking it over")
     _write(fd, {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)})

@@ -21,7 +21,7 @@ from jaxdistill.data import DataConfig, DataPipeline, load_documents
 from jaxdistill.data.alignment import (ALIGNED_KEYS, AlignedTokens, align_documents, align_offsets, pack_aligned,
                                        prefix_mapping, token_boundaries, token_bytes, vocab_mapping)
 from jaxdistill.data.pipeline import split_documents, tokenize_documents
-from jaxdistill.tokenizer import byte_tokenizer, train_byte_level_bpe, train_sentencepiece_bpe
+from jaxdistill.data.tokenizer import byte_tokenizer, train_byte_level_bpe, train_sentencepiece_bpe
 
 SENTENCEPIECE_PIECES = (["<unk>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
                         + ["▁", "\n", "a", "b", "c", "e", "f", "i", "x", "▁a", "▁b", "\n\n"])

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import padded_batch
-from jaxdistill import attention_maps, cross_vocab, losses, router
 from jaxdistill.models.attention import QueriesKeys, full_maps
+from jaxdistill.objective import attention_maps, cross_vocab, losses, router
 
 B, L, K = 3, 9, 8
 BLOCKS = (2, 4, 512)   # 2 and 4: several blocks, the last one padded (L = 9); 512: one block

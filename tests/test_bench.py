@@ -63,8 +63,8 @@ def test_the_step_benchmark_times_whole_optimizer_steps():
   cfg = config_lib.parse(config_lib.load("configs/bench_smollm.py:smoke"))  # the benchmark config's smoke form
   bench = build(cfg, batch_size=2, seq_len=16)
   # The trainer's set-up (build.build_run): the same seed gives the trainer's weights.
-  from jaxdistill.build import build_model, build_tokenizer, init_keys
   from jaxdistill.data.alignment import vocab_size
+  from jaxdistill.training.build import build_model, build_tokenizer, init_keys
   student = build_model(cfg.student, vocab_size(build_tokenizer(cfg)), init_keys(cfg.seed)[1], "student")
   chex.assert_trees_all_equal(jax.device_get(bench.state.params["student"]), student.params)
   assert len(bench.batches) == cfg.optim.accumulation_steps and bench.tokens_per_step == 2 * 16 * len(bench.batches)

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill import checkpoint as ckpt
-from jaxdistill import fingerprint
-from jaxdistill.optim import OptimConfig, make_optimizer
-from jaxdistill.state import NONFINITE_COUNTERS, create_train_state
+from jaxdistill.config import fingerprint
+from jaxdistill.training import checkpoint as ckpt
+from jaxdistill.training.optim import OptimConfig, make_optimizer
+from jaxdistill.training.state import NONFINITE_COUNTERS, create_train_state
 
 
 def _state(value: float, step: int | None = None):

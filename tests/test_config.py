@@ -204,7 +204,7 @@ def test_the_curriculum_group_is_the_registrys_entries_and_their_defaults():
 
 
 def test_the_teacher_cache_key_follows_what_the_weights_depend_on(tmp_path):
-  from jaxdistill import stages
+  from jaxdistill.training import stages
 
   def directory(**overrides):
     return stages.teacher_dir(config_lib.parse(config_lib.load(
@@ -294,8 +294,8 @@ def test_moe_arch_builds_the_family_transformers_defines(family, experts, hf_exp
     (dict(family="mixtral", num_experts=4), (0, 1), 64),
 ])
 def test_random_moe_arch_initialises_and_returns_router_logits(arch, sparse_layers, expert_width):
-  from jaxdistill import build
   from jaxdistill.models import transformer
+  from jaxdistill.training import build
   overrides = {f"student.arch.{field}": value for field, value in arch.items()}
   cfg = config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", overrides))
   model = build.build_model(cfg.student, 300, jax.random.PRNGKey(0), "student")
@@ -408,8 +408,8 @@ def test_an_impossible_mesh_names_the_mesh_and_the_devices_not_the_batch(mesh, m
 @pytest.mark.parametrize("path", ["/no/such/dir", "./x", "~/no/such/dir", "runs/a/student_hf"])
 def test_a_missing_local_model_path_is_not_a_hub_id(path):
   """Before: 'runs/a/student_hf' (and '~/x' that existed) went to the hub: 'could not get ... from the hub'."""
-  from jaxdistill import build
   from jaxdistill.paths import looks_like_local_path
+  from jaxdistill.training import build
   cfg = _smoke(**{"teacher.name_or_path": path, "stages.teacher_steps": 0})
   with pytest.raises(ModelLoadError) as error:
     build.build_model(cfg.teacher, 257, jax.random.key(0), "teacher")
@@ -436,7 +436,7 @@ def test_a_warmup_longer_than_the_run_is_refused(overrides, message):
 
 
 def test_check_warmup_against_the_steps_the_data_gives():
-  from jaxdistill.optim import OptimConfig, check_warmup
+  from jaxdistill.training.optim import OptimConfig, check_warmup
   check_warmup(OptimConfig(warmup_steps=50), 50)
   with pytest.raises(ConfigError) as error:
     check_warmup(OptimConfig(warmup_steps=100), 37)
@@ -468,7 +468,7 @@ def test_fewer_positions_than_tokens_are_refused(config, overrides, message):
 
 
 def test_check_positions_of_a_checkpoint():
-  from jaxdistill import build
+  from jaxdistill.training import build
   student, _ = _models(_smoke())
   short = dataclasses.replace(student, max_position_embeddings=16)
   build.check_positions(short, 16, "data.seq_len", "the student checkpoint")

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill import losses
-from jaxdistill.cross_vocab import VocabMap, cross_vocab_kd_loss, gather_positions, kd_across, prefix_kd_loss
+from jaxdistill.objective import losses
+from jaxdistill.objective.cross_vocab import VocabMap, cross_vocab_kd_loss, gather_positions, kd_across, prefix_kd_loss
 
 
 def _log(probs):
@@ -97,7 +97,7 @@ def test_gather_positions_by_hand():
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_unaligned_positions_are_filled_with_the_data_token(temperature):
-  from jaxdistill.cross_vocab import fill_unaligned
+  from jaxdistill.objective.cross_vocab import fill_unaligned
 
   # One row of 3 tokens (ids 2, 0, 1): position 0 is an aligned pair, position 1 is not, position 2 has no label.
   logits_1x3xV = jnp.log(jnp.asarray([[[0.2, 0.3, 0.5], [0.6, 0.3, 0.1], [1 / 3, 1 / 3, 1 / 3]]], jnp.float32))

@@ -6,10 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill import curriculum
-from jaxdistill.curriculum import CurriculumConfig, curriculum_weights
 from jaxdistill.errors import ConfigError
-from jaxdistill.objective import ResolvedObjective, component_weights, curriculum_config
+from jaxdistill.objective import ResolvedObjective, component_weights, curriculum, curriculum_config
+from jaxdistill.objective.curriculum import CurriculumConfig, curriculum_weights
 
 SEED_TOTAL = 74_823  # optimizer steps of the seed run
 AUXILIARY = ("attention", "feature", "layerwise", "contrastive")

@@ -15,8 +15,8 @@ from conftest import CountingTokenizer
 from jaxdistill.data import DataConfig, DataError, DataPipeline, load_documents, pack_sequences, split_documents
 from jaxdistill.data.corpus import read_documents
 from jaxdistill.data.pipeline import tokenize_documents
+from jaxdistill.data.tokenizer import byte_tokenizer
 from jaxdistill.errors import ConfigError
-from jaxdistill.tokenizer import byte_tokenizer
 
 EOS = 256
 

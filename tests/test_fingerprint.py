@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxdistill import config as config_lib
-from jaxdistill import fingerprint
+from jaxdistill.config import fingerprint
 
 DATA = {"content": "files", "tokenizer": "sha-a", "teacher_tokenizer": ""}
 STATE = {"w": jax.ShapeDtypeStruct((2, 3), jnp.float32)}

@@ -6,13 +6,13 @@ import os
 import jax
 import numpy as np
 import pytest
+from test_hf_io import _torch_logits
+from test_models import TOLERANCE, _torch_outputs
 
 from conftest import VOCAB, padded_batch, save_torch_models
 from jaxdistill import config as config_lib
 from jaxdistill import models
 from jaxdistill.errors import ModelLoadError
-from test_hf_io import _torch_logits
-from test_models import TOLERANCE, _torch_outputs
 
 # Windows of 3 keys on the 9-token rows of padded_batch; caps, a query scale and RoPE bases that bite (each is
 # checked to matter below).
@@ -107,11 +107,14 @@ def test_export_round_trip_loads_in_transformers(checkpoints, tmp_path, name):
 def test_a_random_gemma_pair_distills_through_the_config():
   """Random Gemma 2 teacher and Gemma 3 student from the arch groups of a config file, every loss component on
   (the attention losses read the windowed and global layers' maps), rows of 16 tokens over windows of 8."""
-  from jaxdistill import build, steps
+  from test_steps import ALL_ON, OPTIM
+  from test_steps import VOCAB as STEPS_VOCAB
+  from test_steps import _batch, _train
+
   from jaxdistill.objective import DistillSpec, ResolvedObjective, init_heads
-  from jaxdistill.optim import make_optimizer
-  from jaxdistill.state import create_train_state
-  from test_steps import ALL_ON, OPTIM, VOCAB as STEPS_VOCAB, _batch, _train
+  from jaxdistill.training import build, steps
+  from jaxdistill.training.optim import make_optimizer
+  from jaxdistill.training.state import create_train_state
 
   cfg = config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", {
       "teacher.arch.family": "gemma2", "teacher.arch.sliding_window": 8,
@@ -149,9 +152,9 @@ def test_config_json_as_the_hub_writes_it():
                                       query_pre_attn_scalar=16, sliding_window=4096))
   assert gemma2.full_attention_layers == (1, 3, 5, 7, 9, 11) and gemma2.sliding_window == 4096
   assert (gemma2.attn_logit_softcap, gemma2.final_logit_softcap, gemma2.local_rope) == (50.0, 30.0, None)
-  gemma3 = models.from_hf_config(dict(sizes, model_type="gemma3_text", rope_theta=1000000.0, rope_local_base_freq=10000.0,
-                                      rope_scaling={"rope_type": "linear", "factor": 8.0}, sliding_window=512,
-                                      sliding_window_pattern=6, attn_logit_softcapping=None,
+  gemma3 = models.from_hf_config(dict(sizes, model_type="gemma3_text", rope_theta=1000000.0,
+                                      rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                                      sliding_window=512, sliding_window_pattern=6, attn_logit_softcapping=None,
                                       final_logit_softcapping=None))
   assert gemma3.full_attention_layers == (5, 11) and gemma3.sliding_window == 512
   assert gemma3.rope == models.RopeConfig(theta=1e6, rope_type="linear", factor=8.0)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from jaxdistill import models, sampling
+from jaxdistill.data.tokenizer import byte_tokenizer
 from jaxdistill.errors import ConfigError
 from jaxdistill.generate import Completion, SamplingSettings, encode_prompts
-from jaxdistill.tokenizer import byte_tokenizer
 
 TOKENIZER = byte_tokenizer()  # 257 tokens, eos = pad = 256
 EOS = TOKENIZER.eos_token_id

@@ -8,13 +8,13 @@ import shutil
 import jax
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file, save_file
+import torch
 
 from conftest import FAMILY_CONFIGS, make_torch_model, padded_batch
 from jaxdistill import models
+from jaxdistill.data.tokenizer import byte_tokenizer
 from jaxdistill.errors import ModelLoadError
-from jaxdistill.tokenizer import byte_tokenizer
 
 
 def _torch_logits(path_or_model, ids_BxL, mask_BxL):
@@ -192,11 +192,13 @@ def test_unsupported_rope_scaling(hf_checkpoints):
 
 
 def test_a_teacher_checkpoint_with_another_tokenizer_brings_it(hf_checkpoints, tmp_path):
-  from jaxdistill import config as config_lib
-  from jaxdistill.build import build_teacher_tokenizer, check_cross_vocab_objective
-  from jaxdistill.errors import ConfigError
-  from tokenizers import Tokenizer, models as tok_models
+  from tokenizers import Tokenizer
+  from tokenizers import models as tok_models
   from transformers import PreTrainedTokenizerFast
+
+  from jaxdistill import config as config_lib
+  from jaxdistill.errors import ConfigError
+  from jaxdistill.training.build import build_teacher_tokenizer, check_cross_vocab_objective
 
   teacher_dir = shutil.copytree(hf_checkpoints["llama_gqa_untied"][0], str(tmp_path / "teacher"))
   other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tok_models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, "[UNK]")))

@@ -5,11 +5,11 @@ import functools
 import chex
 import jax
 import jax.numpy as jnp
+from jax.test_util import check_grads
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 
-from jaxdistill import losses
+from jaxdistill.objective import losses
 
 B, L, V, D = 2, 5, 11, 8
 REF_TOL = dict(rtol=2e-5, atol=2e-6)  # float32 computation against a float64 reference

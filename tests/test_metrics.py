@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from jaxdistill.metrics import EvalReducer, debug_block
 from jaxdistill.objective import COMPONENTS
+from jaxdistill.training.metrics import EvalReducer, debug_block
 
 
 def _eval_metrics(scale: float, tokens: float, label_tokens: float) -> dict:

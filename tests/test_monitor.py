@@ -1,6 +1,6 @@
 """The run monitor's thresholds and the out-of-memory message."""
 
-from jaxdistill.monitor import MonitorConfig, RunMonitor, out_of_memory_message
+from jaxdistill.training.monitor import MonitorConfig, RunMonitor, out_of_memory_message
 
 CLEAN = {"kd": 0, "lm": 0, "grads": 0}
 
@@ -61,8 +61,8 @@ def test_divergence_is_a_non_finite_loss_or_a_run_of_skipped_updates():
 
 
 def test_the_divergence_error_says_what_to_lower_and_what_was_kept():
-  from jaxdistill.monitor import Diverged
-  from jaxdistill.optim import OptimConfig
+  from jaxdistill.training.monitor import Diverged
+  from jaxdistill.training.optim import OptimConfig
 
   optim = OptimConfig(learning_rate=1e6, warmup_steps=1, clip_norm=1.0)
   error = Diverged(6, "the training loss is nan", "runs/x/checkpoints/4", optim, "float16")

@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 
 from jaxdistill import config as config_lib
-from jaxdistill import losses, models, offline_teacher, steps
+from jaxdistill import models
 from jaxdistill.config import arch_group
 from jaxdistill.errors import ConfigError
-from jaxdistill.objective import DistillSpec, ResolvedObjective, curriculum_config, init_heads, objective
+from jaxdistill.objective import (DistillSpec, ResolvedObjective, curriculum_config, init_heads, losses, objective,
+                                  offline_teacher)
 from jaxdistill.objective.components.layerwise import record_layers
-from jaxdistill.offline_teacher import RECORD_KEY, OfflineTeacher, compute_records, layout
-from jaxdistill.optim import OptimConfig, make_optimizer
-from jaxdistill.state import create_train_state
+from jaxdistill.objective.offline_teacher import RECORD_KEY, OfflineTeacher, compute_records, layout
+from jaxdistill.training import steps
+from jaxdistill.training.optim import OptimConfig, make_optimizer
+from jaxdistill.training.state import create_train_state
 
 VOCAB = 64
 STUDENT = models.families.from_arch(arch_group("llama", VOCAB, 32, 2, 4, 2, 64, 64, True))

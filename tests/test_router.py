@@ -1,4 +1,4 @@
-"""The student-aware router (jaxdistill/router.py): layers, schedules, gates and its three losses.
+"""The student-aware router (jaxdistill/objective/router.py): layers, schedules, gates and its three losses.
 
 Every number is checked against an independent float64 NumPy reference written below from the
 docstring formulas; the functions under test are never used to build their own expected values.
@@ -7,12 +7,12 @@ docstring formulas; the functions under test are never used to build their own e
 import chex
 import jax
 import jax.numpy as jnp
+from jax.test_util import check_grads
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 
-from jaxdistill import router
-from jaxdistill.router import RouterConfig
+from jaxdistill.objective import router
+from jaxdistill.objective.router import RouterConfig
 
 # --------------------------------------------------------------------------------------------
 # Float64 NumPy references.

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import DISTILL_ONLY, run_train
-from jaxdistill import checkpoint as ckpt
 from jaxdistill import workdir_lock
+from jaxdistill.training import checkpoint as ckpt
 
 # 4 optimizer steps, a checkpoint and an evaluation every 2.
 SHORT = [*DISTILL_ONLY, "--config.train.max_steps=4", "--config.optim.warmup_steps=1", "--config.checkpoint.every_steps=2",

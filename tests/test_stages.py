@@ -3,7 +3,7 @@
 import pytest
 
 from jaxdistill import config as config_lib
-from jaxdistill import stages
+from jaxdistill.training import stages
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill import models, steps
+from jaxdistill import models
 from jaxdistill.config import arch_group
 from jaxdistill.objective import COMPONENTS, ENTRIES, DistillSpec, ResolvedObjective, curriculum_config, init_heads
-from jaxdistill.optim import OptimConfig, make_optimizer
-from jaxdistill.state import NONFINITE_COUNTERS, create_train_state
+from jaxdistill.training import steps
+from jaxdistill.training.optim import OptimConfig, make_optimizer
+from jaxdistill.training.state import NONFINITE_COUNTERS, create_train_state
 
 VOCAB = 64
 STUDENT = models.families.from_arch(arch_group("llama", VOCAB, 32, 2, 4, 2, 64, 64, True))
@@ -185,7 +186,7 @@ def test_fifty_steps_and_repeated_evals_compile_once_each(teacher_params):
 
 def test_plain_lm_mode_runs_no_teacher_and_reduces_the_loss():
   """mode 'lm': the same train/eval steps with teacher=None and only the lm term (the plain-LM curriculum)."""
-  from jaxdistill.losses import next_token_labels
+  from jaxdistill.objective.losses import next_token_labels
 
   objective = ResolvedObjective(distill=DistillSpec(chunk_size=16), total_steps=100).plain_lm()
   assert objective.teacher == "none" and objective.curriculum.values("lm") == (1.0, 1.0, 1.0)
@@ -222,7 +223,7 @@ def test_plain_lm_mode_runs_no_teacher_and_reduces_the_loss():
 
 def test_an_identity_alignment_with_one_vocabulary_computes_the_same_objective(teacher_params):
   """The cross-tokenizer path (aligned pairs, cross-vocabulary kd) reduces to the one-tokenizer path."""
-  from jaxdistill.cross_vocab import VocabMap
+  from jaxdistill.objective.cross_vocab import VocabMap
 
   # Every component two tokenizers can serve, in both setups.
   curriculum = ResolvedObjective(curriculum=ALL_ON).without_unserved(aligned=True).curriculum
@@ -248,9 +249,8 @@ def test_an_identity_alignment_with_one_vocabulary_computes_the_same_objective(t
 
 def test_the_router_routes_a_moe_teachers_real_experts():
   """With a mixture-of-experts teacher the router's experts are one sparse block's routed experts."""
-  from jaxdistill import router
   from jaxdistill.errors import ConfigError
-  from jaxdistill.objective import DistillHeads, objective
+  from jaxdistill.objective import DistillHeads, objective, router
 
   moe_teacher = dataclasses.replace(TEACHER, family="qwen3_moe", num_experts=3, num_experts_per_tok=2,
                                     moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=2)

@@ -8,10 +8,10 @@ import pytest
 from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer
 
-from jaxdistill import tokenizer as tokenizer_lib
+from jaxdistill.data import tokenizer as tokenizer_lib
+from jaxdistill.data.tokenizer import (byte_tokenizer, load_tokenizer, train_byte_level_bpe, train_sentencepiece_bpe,
+                                       trained_tokenizer_dir)
 from jaxdistill.errors import ModelLoadError
-from jaxdistill.tokenizer import (byte_tokenizer, load_tokenizer, train_byte_level_bpe, train_sentencepiece_bpe,
-                                  trained_tokenizer_dir)
 
 TRICKY = "naïve — 数学 🙂\ttab\t\tand   spaces\n\n  indented ﬁ x\u00a0y"  # no leading space (see round trip)
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from bench import torch_reference
-from jaxdistill import losses, models
-from jaxdistill.objective import DistillSpec, ResolvedObjective, component_weights, init_heads, objective
-from jaxdistill.optim import OptimConfig
+from jaxdistill import models
 from jaxdistill.config import arch_group
+from jaxdistill.objective import DistillSpec, ResolvedObjective, component_weights, init_heads, losses, objective
+from jaxdistill.training.optim import OptimConfig
 
 # Student 2 heads, teacher 6: align_heads averages groups of 3 teacher heads. The teacher's larger
 # vocabulary exercises kd's cut to the shared 80 tokens.

@@ -8,7 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import DISTILL_ONLY, SMOKE, read_records, run_train as _run, train_command as _command
+from conftest import DISTILL_ONLY, SMOKE, read_records
+from conftest import run_train as _run
+from conftest import train_command as _command
 from jaxdistill.objective import COMPONENTS
 
 # A longer smoke run for interruption tests: 40 optimizer steps, checkpoints every 5.
@@ -255,6 +257,7 @@ def test_unwritable_workdir(env):
 
 def test_every_config_is_run_in_its_smoke_form():
   import glob
+
   # cpu_demo: the smoke_run fixture; p100*: test_p100_smoke_forms_train_and_export; bench_smollm (a benchmark
   # config): tests/test_bench.py times its smoke form through bench.step. Add new configs there.
   assert set(glob.glob("configs/*.py")) == {"configs/cpu_demo.py", "configs/p100.py", "configs/p100_same_tokenizer.py",
@@ -269,8 +272,8 @@ def test_run_block_describes_the_data(smoke_run):
 
 
 def test_the_drill_poisons_one_in_n_micro_batches_of_any_prefix():
-  from jaxdistill.schema import DebugSpec
-  from jaxdistill.trainer import _drill
+  from jaxdistill.config.schema import DebugSpec
+  from jaxdistill.training.trainer import _drill
 
   debug = DebugSpec(inject_nonfinite="kd", inject_every=200)  # a 0.5% rate
   poisoned = [m for m in range(1000) if np.isnan(_drill({}, m, debug)["inject_nonfinite"]).any()]

@@ -14,8 +14,8 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 
-from jaxdistill import cross_vocab
 from jaxdistill.models import ModelConfig
+from jaxdistill.objective import cross_vocab
 
 # A term: (a function of arrays alone, its arrays). The function may close over static values only:
 # the non-finite guard is a custom_vjp, and traced values must enter it as arguments.

@@ -12,8 +12,8 @@ the batch.
 import jax
 import jax.numpy as jnp
 
-from jaxdistill import attention_maps, cross_vocab, curriculum, losses, offline_teacher, router
 from jaxdistill.models import ModelConfig, forward
+from jaxdistill.objective import attention_maps, cross_vocab, curriculum, losses, offline_teacher, router
 from jaxdistill.objective.component import TermContext
 from jaxdistill.objective.guard import guard
 from jaxdistill.objective.heads import DistillHeads

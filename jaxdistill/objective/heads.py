@@ -7,8 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdistill import router
 from jaxdistill.models import ModelConfig
+from jaxdistill.objective import router
 
 if TYPE_CHECKING:  # spec.py imports the registry; the heads need only the type
   from jaxdistill.objective.spec import ResolvedObjective

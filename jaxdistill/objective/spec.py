@@ -15,13 +15,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxdistill import curriculum, losses, router
-from jaxdistill.curriculum import CurriculumConfig
 from jaxdistill.errors import ConfigError
 from jaxdistill.models import ModelConfig
+from jaxdistill.objective import curriculum, losses, router
 from jaxdistill.objective.component import Component
+from jaxdistill.objective.curriculum import CurriculumConfig
 from jaxdistill.objective.registry import ENTRIES, REGISTRY
-from jaxdistill.router import RouterConfig
+from jaxdistill.objective.router import RouterConfig
 
 TEACHER_MODES = ("live", "records", "none")   # a teacher forward in the step | its offline records | no teacher
 

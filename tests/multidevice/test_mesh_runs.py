@@ -13,19 +13,19 @@ import subprocess
 import sys
 
 import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from conftest import read_records
-from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file
 
+from conftest import read_records
 from jaxdistill import config as config_lib
 from jaxdistill import models, parallel
 from jaxdistill.config import arch_group
 from jaxdistill.errors import ConfigError
-from jaxdistill.optim import OptimConfig, make_optimizer
-from jaxdistill.state import create_placed_train_state
-from jaxdistill.trainer import train_and_evaluate
+from jaxdistill.training.optim import OptimConfig, make_optimizer
+from jaxdistill.training.state import create_placed_train_state
+from jaxdistill.training.trainer import train_and_evaluate
 
 MESHES = {
     "data": dict(data=8),

@@ -5,7 +5,7 @@ The rows are recomputed from each block's queries and keys a block of queries at
 (`attention_maps.attention_loss`), never the whole map. Records cannot keep attention maps.
 """
 
-from jaxdistill import attention_maps
+from jaxdistill.objective import attention_maps
 from jaxdistill.objective.component import Component, Entry, Needs, Term, TermContext
 
 

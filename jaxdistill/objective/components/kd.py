@@ -7,8 +7,8 @@ mass as one outcome); or, across two tokenizers, its logits at the aligned pairs
 (`cross_vocab.kd_across`), with the unaligned student positions matched to the data's next token.
 """
 
-from jaxdistill import cross_vocab, losses, offline_teacher
 from jaxdistill.errors import ConfigError
+from jaxdistill.objective import cross_vocab, losses, offline_teacher
 from jaxdistill.objective.component import Component, Entry, Needs, Term, TermContext
 
 

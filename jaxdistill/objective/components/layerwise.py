@@ -9,8 +9,8 @@ Records keep the teacher states the map reads (`hidden` [L, M, D]).
 import jax
 import jax.numpy as jnp
 
-from jaxdistill import losses
 from jaxdistill.models import ModelConfig
+from jaxdistill.objective import losses
 from jaxdistill.objective.component import Component, Entry, Needs, RecordPart, Term, TermContext
 
 

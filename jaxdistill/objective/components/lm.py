@@ -4,7 +4,7 @@ The one component that needs no teacher: plain LM training (mode 'lm', the teach
 stages) weighs it 1 in every phase and nothing else.
 """
 
-from jaxdistill import losses
+from jaxdistill.objective import losses
 from jaxdistill.objective.component import Component, Entry, Needs, Term, TermContext
 
 

@@ -13,7 +13,7 @@ Records keep neither expert outputs nor attention maps.
 
 import jax.numpy as jnp
 
-from jaxdistill import router
+from jaxdistill.objective import router
 from jaxdistill.objective.component import Component, Entry, Needs, Term, TermContext
 
 FEATURE = Entry("feature", (0.0, 0.1, 0.1))

@@ -23,7 +23,7 @@ References:
 import jax
 import jax.numpy as jnp
 
-from jaxdistill import losses
+from jaxdistill.objective import losses
 from jaxdistill.objective.component import Component, Entry, Needs, Term, TermContext
 
 

@@ -11,21 +11,20 @@ import dataclasses
 import importlib.util
 import os
 
-import ml_collections
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 
-from jaxdistill.data.pipeline import DataConfig
 from jaxdistill.cli import one_line
+from jaxdistill.config.schema import CheckpointSpec, DebugSpec, DistillSpec, LogSpec, StagesSpec, TrainSpec
+from jaxdistill.data.pipeline import DataConfig
 from jaxdistill.errors import CommandLineError, ConfigError
-from jaxdistill.monitor import MonitorConfig
 from jaxdistill.objective import curriculum_config
-from jaxdistill.offline_teacher import OfflineTeacherSpec
-from jaxdistill.optim import OptimConfig
+from jaxdistill.objective.offline_teacher import OfflineTeacherSpec
+from jaxdistill.objective.router import RouterConfig
 from jaxdistill.parallel import MeshSpec
-from jaxdistill.router import RouterConfig
-from jaxdistill.schema import (EVAL_METRICS, MODES, CheckpointSpec, Config, DebugSpec, DistillSpec,  # noqa: F401
-                               LogSpec, ModelSpec, StagesSpec, TrainSpec, parse)
+from jaxdistill.training.monitor import MonitorConfig
+from jaxdistill.training.optim import OptimConfig
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks for config files.

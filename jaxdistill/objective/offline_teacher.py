@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdistill import curriculum, losses
 from jaxdistill.errors import ConfigError
 from jaxdistill.models import ModelConfig, forward
+from jaxdistill.objective import curriculum, losses
 
 _FORMAT = 1
 RECORD_KEY = "teacher_record"   # the batch entry that carries a record into the objective

@@ -13,8 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdistill import attention_maps, losses
-
+from jaxdistill.objective import attention_maps, losses
 
 EXPERT_SOURCES = ("auto", "moe", "blocks")
 

@@ -15,19 +15,19 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxdistill import checkpoint as ckpt
 from jaxdistill import config as config_lib
-from jaxdistill import fingerprint
-from jaxdistill import metrics as metrics_lib
-from jaxdistill import offline_teacher, parallel, workdir_lock
-from jaxdistill.build import build_run, build_teacher_tokenizer, build_tokenizer, check_cross_vocab_objective
+from jaxdistill import parallel, workdir_lock
+from jaxdistill.config import fingerprint
 from jaxdistill.data.pipeline import DataPipeline
 from jaxdistill.errors import ConfigError, JaxDistillError
-from jaxdistill.metrics import log
 from jaxdistill.models import save_pretrained
-from jaxdistill.monitor import Diverged, RunMonitor, out_of_memory_message
-from jaxdistill.objective import COMPONENTS, ENTRIES
-from jaxdistill.steps import StepSetup, compile_steps
+from jaxdistill.objective import COMPONENTS, ENTRIES, offline_teacher
+from jaxdistill.training import checkpoint as ckpt
+from jaxdistill.training import metrics as metrics_lib
+from jaxdistill.training.build import build_run, build_teacher_tokenizer, build_tokenizer, check_cross_vocab_objective
+from jaxdistill.training.metrics import log
+from jaxdistill.training.monitor import Diverged, RunMonitor, out_of_memory_message
+from jaxdistill.training.steps import StepSetup, compile_steps
 
 
 class Interrupted(JaxDistillError):
@@ -91,8 +91,8 @@ def _curriculum_rows(cur) -> list[str]:
   return rows
 
 
-def _summary(cfg, teacher, student, state, data, setup: StepSetup, total_steps: int, start_step: int, plan: parallel.MeshPlan,
-             offline: offline_teacher.RunRecords | None = None) -> str:
+def _summary(cfg, teacher, student, state, data, setup: StepSetup, total_steps: int, start_step: int,
+             plan: parallel.MeshPlan, offline: offline_teacher.RunRecords | None = None) -> str:
   accumulation = setup.optim.accumulation_steps
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * accumulation
   device = jax.local_devices()[0]

@@ -16,15 +16,15 @@ import json
 import os
 
 from jaxdistill import plot, workdir_lock
-from jaxdistill.build import has_tokenizer
 from jaxdistill.config import Config, DebugSpec, StagesSpec
+from jaxdistill.config.schema import LM_EVAL_METRICS
 from jaxdistill.data.corpus import source_fingerprint
 from jaxdistill.errors import JaxDistillError
-from jaxdistill.metrics import log
-from jaxdistill.offline_teacher import OfflineTeacherSpec
+from jaxdistill.objective.offline_teacher import OfflineTeacherSpec
 from jaxdistill.parallel import is_main_process
-from jaxdistill.schema import LM_EVAL_METRICS
-from jaxdistill.trainer import train_and_evaluate
+from jaxdistill.training.build import has_tokenizer
+from jaxdistill.training.metrics import log
+from jaxdistill.training.trainer import train_and_evaluate
 
 _TEACHER_CACHE_FORMAT = 1     # bump when what a cached teacher holds changes
 TEACHER_DONE = "teacher.json"  # written into a cached teacher's directory once its training finished

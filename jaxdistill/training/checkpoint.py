@@ -25,8 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxdistill.errors import JaxDistillError, first_line
-from jaxdistill.metrics import log
 from jaxdistill.parallel import is_main_process
+from jaxdistill.training.metrics import log
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import jmp
 
-from jaxdistill import optim
 from jaxdistill.objective import COMPONENTS
+from jaxdistill.training import optim
 
 # Per-component counts of non-finite loss values, plus skipped updates from non-finite gradients.
 NONFINITE_COUNTERS = COMPONENTS + ("grads",)
@@ -37,7 +37,8 @@ class TrainState:
     return jmp.DynamicLossScale(self.loss_scale, self.loss_scale_good_steps)
 
 
-def create_train_state(student_params, heads_params, tx: optim.Optimizer, initial_loss_scale: float = 1.0) -> TrainState:
+def create_train_state(student_params, heads_params, tx: optim.Optimizer,
+                       initial_loss_scale: float = 1.0) -> TrainState:
   """A fresh state at step 0; `initial_loss_scale` > 1 for fp16 (the step is deterministic: no key is kept)."""
   params = {"student": student_params, "heads": heads_params}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),

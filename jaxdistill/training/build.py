@@ -6,16 +6,16 @@ import os
 
 import jax
 
-from jaxdistill import cross_vocab, steps
-from jaxdistill import state as state_lib
 from jaxdistill.config import Config, ModelSpec
 from jaxdistill.data import alignment
+from jaxdistill.data.tokenizer import load_tokenizer
 from jaxdistill.errors import ConfigError, ModelLoadError
 from jaxdistill.models import hf_io, transformer
 from jaxdistill.models.config import ModelConfig, to_hf_config
-from jaxdistill.objective import init_heads
-from jaxdistill.optim import check_warmup, make_optimizer
-from jaxdistill.tokenizer import load_tokenizer
+from jaxdistill.objective import cross_vocab, init_heads
+from jaxdistill.training import state as state_lib
+from jaxdistill.training import steps
+from jaxdistill.training.optim import check_warmup, make_optimizer
 
 
 @contextlib.contextmanager
@@ -143,7 +143,8 @@ def init_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   return teacher_key, student_key, heads_key
 
 
-def build_run(cfg: Config, plan, total_steps: int, tokenizer, teacher_tokenizer=None, seq_len: int | None = None) -> Run:
+def build_run(cfg: Config, plan, total_steps: int, tokenizer, teacher_tokenizer=None,
+              seq_len: int | None = None) -> Run:
   """Models, resolved objective, optimizer and a fresh placed state for `total_steps` optimizer steps.
 
   `teacher_tokenizer`: the teacher's own tokenizer where it differs (`build_teacher_tokenizer`), else None.

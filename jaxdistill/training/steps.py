@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import jmp
 import optax
 
-from jaxdistill import cross_vocab, losses, offline_teacher
 from jaxdistill.models import ModelConfig
-from jaxdistill.objective import COMPONENTS, ResolvedObjective, objective, run_models
-from jaxdistill.optim import OptimConfig, make_optimizer
+from jaxdistill.objective import (COMPONENTS, ResolvedObjective, cross_vocab, losses, objective, offline_teacher,
+                                  run_models)
 from jaxdistill.parallel import MeshPlan
-from jaxdistill.state import TrainState
+from jaxdistill.training.optim import OptimConfig, make_optimizer
+from jaxdistill.training.state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +71,9 @@ def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup
 
   With an offline teacher (`cfg.teacher == 'records'`) the objective reads records made here from the
   live teacher, exactly as training makes them. Plain metrics: student and teacher LM loss and perplexity,
-  KL(teacher || student) at T = 1 over the full vocabulary, and top-1 agreement (the student's alone with no teacher); with two
-  tokenizers KL is the cross-vocabulary kd at T = 1 and agreement compares tokens by their bytes,
-  both over aligned pairs (each model's LM loss stays per its own tokens). `count/tokens` (KD tokens),
+  KL(teacher || student) at T = 1 over the full vocabulary, and top-1 agreement (the student's alone with no
+  teacher); with two tokenizers KL is the cross-vocabulary kd at T = 1 and agreement compares tokens by
+  their bytes, both over aligned pairs (each model's LM loss stays per its own tokens). `count/tokens` (KD tokens),
   `count/label_tokens` (LM targets), `count/teacher_label_tokens` and, with two tokenizers, `count/pairs`
   let the caller form token-weighted means over a whole split (`metrics.EvalReducer`).
   """

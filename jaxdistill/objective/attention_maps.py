@@ -18,8 +18,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxdistill import cross_vocab, losses
 from jaxdistill.models.attention import QueriesKeys, attention_probs, query_blocks
+from jaxdistill.objective import cross_vocab, losses
 
 
 class MapView(NamedTuple):

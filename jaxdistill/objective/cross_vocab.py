@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdistill.losses import lm_loss, masked_mean, next_token_labels, token_chunks
+from jaxdistill.objective.losses import lm_loss, masked_mean, next_token_labels, token_chunks
 
 _EPS = 1e-12
 

@@ -17,9 +17,9 @@ import json
 
 import jax
 
+from jaxdistill.config.schema import Config
 from jaxdistill.errors import JaxDistillError
 from jaxdistill.models.config import RUNTIME_FIELDS
-from jaxdistill.schema import Config
 
 STATE = "state_shapes"
 # Field groups and fields a resume may change without being asked to.

@@ -10,20 +10,20 @@ from typing import Sequence
 
 import ml_collections
 
-from jaxdistill.cross_vocab import CROSS_VOCAB_KD
-from jaxdistill.curriculum import CurriculumConfig
 from jaxdistill.data.pipeline import DataConfig
+from jaxdistill.data.tokenizer import BYTE_TOKENIZER
 from jaxdistill.errors import ConfigError
-from jaxdistill.losses import HIDDEN_DISTANCES, KD_MODES, TOPK_TAILS
 from jaxdistill.models import families
 from jaxdistill.models.config import ATTENTION_IMPLEMENTATIONS, DTYPES, REMAT_POLICIES, ModelConfig
-from jaxdistill.monitor import MonitorConfig
-from jaxdistill.offline_teacher import OfflineTeacherSpec
 from jaxdistill.objective import COMPONENTS, ENTRIES, DistillSpec, ResolvedObjective
-from jaxdistill.optim import OptimConfig, check_warmup
+from jaxdistill.objective.cross_vocab import CROSS_VOCAB_KD
+from jaxdistill.objective.curriculum import CurriculumConfig
+from jaxdistill.objective.losses import HIDDEN_DISTANCES, KD_MODES, TOPK_TAILS
+from jaxdistill.objective.offline_teacher import OfflineTeacherSpec
+from jaxdistill.objective.router import EXPERT_SOURCES, RouterConfig
 from jaxdistill.parallel import MeshSpec, check_spec
-from jaxdistill.router import EXPERT_SOURCES, RouterConfig
-from jaxdistill.tokenizer import BYTE_TOKENIZER
+from jaxdistill.training.monitor import MonitorConfig
+from jaxdistill.training.optim import OptimConfig, check_warmup
 
 EVAL_METRICS = ("student_lm_loss", "loss", "kl_t1", "raw/kd", "raw/lm")
 LM_EVAL_METRICS = ("student_lm_loss", "loss", "raw/lm")   # those a run without a teacher has

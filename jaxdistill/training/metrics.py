@@ -4,7 +4,6 @@ import json
 import math
 import os
 import sys
-from typing import Iterable
 
 import numpy as np
 from tqdm import tqdm
