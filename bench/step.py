@@ -111,12 +111,14 @@ class Bench:
   """One sweep point's models, compiled-step inputs and the micro-batches of one optimizer step."""
   cfg: config_lib.Config
   setup: steps.StepSetup
-  teacher_params: object
-  teacher_model: object
-  student_model: object
+  teacher: object           # hf_io.Pretrained with its params placed, or None (mode 'lm')
   state: object
   batches: list
   plan: parallel.MeshPlan
+
+  @property
+  def teacher_params(self):
+    return None if self.teacher is None else self.teacher.params
 
   @property
   def tokens_per_step(self) -> int:
@@ -141,8 +143,7 @@ def build(cfg: config_lib.Config, batch_size: int, seq_len: int) -> Bench:
     mask_BxL = np.ones_like(ids_BxL)
     batches.append(plan.global_batch({"student_input_ids": ids_BxL, "student_attention_mask": mask_BxL,
                                       "teacher_input_ids": ids_BxL, "teacher_attention_mask": mask_BxL}, batch_size))
-  return Bench(cfg, run.setup, run.teacher.params if run.teacher else None, run.teacher, run.student, run.state,
-               batches, plan)
+  return Bench(cfg, run.setup, run.teacher, run.state, batches, plan)
 
 
 def _median_seconds(run_step, repeats: int) -> float:

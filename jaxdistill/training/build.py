@@ -175,7 +175,7 @@ def build_run(cfg: Config, plan, total_steps: int, tokenizer, teacher_tokenizer=
   if distill:
     teacher = dataclasses.replace(teacher, params=plan.put(teacher.params, plan.teacher_shardings(teacher.params)))
   shared = None
-  if distill and teacher_tokenizer is not None:
+  if aligned:
     shared = plan.replicate(vocab_map(tokenizer, teacher_tokenizer, student.config.vocab_size,
                                       teacher.config.vocab_size))
   return Run(setup, state, teacher, dataclasses.replace(student, params=None), shared)
