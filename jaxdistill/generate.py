@@ -4,8 +4,9 @@
         [--max_new_tokens 64] [--temperature 0.0] [--top_p 1.0] [--top_k 0] [--num_samples 1] [--seed 0]
 
 `--model` is a checkpoint directory, a hub id, or a run workdir (its exported `student_hf/` is
-used); the tokenizer comes from the same directory. Greedy by default. Generation has no KV cache
-(see `sampling.generate`): meant for looking at samples of small models, not for serving.
+used); the tokenizer comes from the same directory. Greedy by default. Generation prefills a KV cache
+and decodes one token per step (`sampling.generate`): meant for looking at samples of small models, not
+for serving.
 """
 
 from jaxdistill import cli

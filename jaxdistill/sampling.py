@@ -1,9 +1,15 @@
 """Picking next tokens (greedy, temperature, top-k, nucleus) and generating text from a causal LM.
 
-`generate` is for reading samples of small models, not for serving: there is no KV cache, so every
-new token re-runs the forward pass over the whole fixed-size buffer of prompt plus completion. In
-exchange the shapes never change, the loop is one `fori_loop` and the function compiles once per
-(config, batch shape, `max_new_tokens`, greedy or not).
+`sample` is the compiled generator: one prefill of the left-padded prompts into a KV cache
+(`transformer.forward_cached`), then a `fori_loop` of one-token decode steps that each run one token
+per row through the model and attend to the cache. The cache holds every layer's keys and values for
+the P + N - 1 columns that are ever fed back: L x B x (P + N - 1) x G x K x 2 numbers in the compute
+dtype (G key/value heads of K dims): 1.2 MB in float32 for the bench's demo student (2 layers, 8 rows,
+P = 32, N = 256, G = 2, K = 16). Shapes never change, so it compiles once per (config, batch shape,
+`max_new_tokens`, greedy or not), and it is jittable inside another program (a training step) on
+traced params. `generate` is its host-facing wrapper. `generate(..., kv_cache=False)` runs the
+uncached reference loop instead, which re-runs the whole P + N buffer for every new token (O(N (P + N))
+tokens of compute): kept to test the cache against and to benchmark it (`bench/generate.py`).
 """
 
 import functools
@@ -15,7 +21,7 @@ import numpy as np
 
 from jaxdistill.errors import ConfigError
 from jaxdistill.models.config import ModelConfig
-from jaxdistill.models.transformer import default_positions, forward, unembed
+from jaxdistill.models.transformer import default_positions, forward, forward_cached, init_cache, unembed
 
 
 def greedy_token(logits_BxV: jax.Array) -> jax.Array:
@@ -77,7 +83,10 @@ def left_pad(token_lists: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndar
 
 
 def check_length(cfg: ModelConfig, prompt_length: int, max_new_tokens: int) -> None:
-  """Prompt plus completion must fit in the model's positions; else a ConfigError on --max_new_tokens."""
+  """At least one new token, and prompt plus completion must fit in the model's positions; else a ConfigError
+  on --max_new_tokens."""
+  if max_new_tokens < 1:
+    raise ConfigError("--max_new_tokens", max_new_tokens, "an integer >= 1")
   room = cfg.max_position_embeddings - prompt_length
   if prompt_length + max_new_tokens > cfg.max_position_embeddings:
     raise ConfigError("--max_new_tokens", max_new_tokens,
@@ -87,15 +96,8 @@ def check_length(cfg: ModelConfig, prompt_length: int, max_new_tokens: int) -> N
 
 def generate(params, cfg: ModelConfig, prompt_ids_BxP, prompt_mask_BxP, rng: jax.Array, *,
              max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
-             eos_id: int | None = None) -> tuple[jax.Array, jax.Array]:
-  """Continues left-padded prompts by `max_new_tokens` tokens each.
-
-  Cost: there is no KV cache. Each of the N new tokens re-runs the forward pass over the whole
-  buffer of P+N columns, so a call costs N forwards of length P+N, O(N*(P+N)) tokens of compute
-  (and attention O(N*(P+N)^2)) instead of the O(P+N) of a cached decoder. That is fine for reading
-  samples of small models; it is not a serving engine. The payoff is one compilation: the buffer has
-  a fixed shape, and causal attention means the not-yet-written columns after P-1+i cannot change
-  the hidden state read at step i.
+             eos_id: int | None = None, kv_cache: bool = True) -> tuple[jax.Array, jax.Array]:
+  """Continues left-padded prompts by `max_new_tokens` tokens each (validates, then calls `sample`).
 
   Args:
     params: the params pytree of `CausalLM(cfg)`.
@@ -109,6 +111,7 @@ def generate(params, cfg: ModelConfig, prompt_ids_BxP, prompt_mask_BxP, rng: jax
     top_k: keep only the k most probable tokens; 0 disables it.
     eos_id: end-of-sequence token; a row that produced it is finished and its later tokens are
       `eos_id`. None: rows never finish early.
+    kv_cache: False runs the uncached reference loop instead (the same tokens; N forwards of P + N).
 
   Returns:
     new_ids_BxN: the generated tokens (int32).
@@ -121,15 +124,70 @@ def generate(params, cfg: ModelConfig, prompt_ids_BxP, prompt_mask_BxP, rng: jax
   if temperature < 0:
     raise ConfigError("--temperature", temperature, "a value >= 0 (0 is greedy)")
   greedy = temperature == 0
-  return _generate(params, cfg, jnp.asarray(prompt_ids_BxP, jnp.int32), jnp.asarray(prompt_mask_BxP, jnp.int32),
-                   rng, jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p), jnp.int32(top_k),
-                   jnp.int32(-1 if eos_id is None else eos_id), max_new_tokens=max_new_tokens, greedy=greedy)
+  return (sample if kv_cache else _sample_uncached)(
+      params, cfg, jnp.asarray(prompt_ids_BxP, jnp.int32), jnp.asarray(prompt_mask_BxP, jnp.int32), rng,
+      jnp.float32(1.0 if greedy else temperature), jnp.float32(top_p), jnp.int32(top_k),
+      jnp.int32(-1 if eos_id is None else eos_id), max_new_tokens=max_new_tokens, greedy=greedy)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy"))
-def _generate(params, cfg: ModelConfig, prompt_ids_BxP, prompt_mask_BxP, rng, temperature, top_p, top_k,
-              eos_id, *, max_new_tokens: int, greedy: bool):
-  """The compiled loop of `generate`; sampling settings are traced, so changing them does not recompile."""
+def sample(params, cfg: ModelConfig, prompt_ids_BxP, prompt_mask_BxP, rng, temperature, top_p, top_k, eos_id, *,
+           max_new_tokens: int, greedy: bool) -> tuple[jax.Array, jax.Array]:
+  """`max_new_tokens` tokens after each left-padded prompt, with a KV cache: what `generate` compiles.
+
+  Jittable on traced params (a training step may call it); the sampling settings are arrays, traced, so
+  changing them does not recompile. Positions are counted over the real tokens (`default_positions`).
+
+  Args:
+    params, cfg, prompt_ids_BxP, prompt_mask_BxP, rng: as for `generate` (ids and mask int32).
+    temperature: float32 > 0 (unused when greedy); top_p: float32 in (0, 1]; top_k: int32, 0 for no limit.
+    eos_id: int32 end-of-sequence token, -1 for none.
+    max_new_tokens: N (static); P + N must not exceed `cfg.max_position_embeddings`.
+    greedy: argmax instead of sampling (static).
+
+  Returns:
+    (new_ids_BxN int32, lengths_B int32), as `generate` describes them.
+  """
+  check_length(cfg, prompt_ids_BxP.shape[1], max_new_tokens)
+  batch = prompt_ids_BxP.shape[0]
+
+  def pick(i, logits_BxV, state):
+    """Token i of every row, recorded in state = (token_B, finished_B, new_ids_BxN, lengths_B)."""
+    _, finished_B, new_ids_BxN, lengths_B = state
+    if greedy:
+      token_B = greedy_token(logits_BxV)
+    else:
+      token_B = sampled_token(logits_BxV, jax.random.fold_in(rng, i), temperature, top_p, top_k)
+    token_B = jnp.where(finished_B, eos_id, token_B)
+    new_ids_BxN = jax.lax.dynamic_update_slice_in_dim(new_ids_BxN, token_B[:, None], i, axis=1)
+    ends_now_B = ~finished_B & (token_B == eos_id)
+    return token_B, finished_B | ends_now_B, new_ids_BxN, jnp.where(ends_now_B, i + 1, lengths_B)
+
+  # The last token is never fed back: P + N - 1 columns.
+  cache = init_cache(cfg, batch, prompt_ids_BxP.shape[1] + max_new_tokens - 1)
+  prefill, cache = forward_cached(params, cfg, prompt_ids_BxP, cache, prompt_mask_BxP, compute_logits=False)
+  state = (jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool), jnp.zeros((batch, max_new_tokens), jnp.int32),
+           jnp.full((batch,), max_new_tokens, jnp.int32))
+  state = pick(0, unembed(params, cfg, prefill.final_hidden_BxLxD[:, -1:])[:, 0], state)
+
+  def step(i, carry):
+    cache, state = carry
+    out, cache = forward_cached(params, cfg, state[0][:, None], cache)
+    return cache, pick(i, out.logits_BxLxV[:, 0], state)
+
+  _, (_, _, new_ids_BxN, lengths_B) = jax.lax.fori_loop(1, max_new_tokens, step, (cache, state))
+  return new_ids_BxN, lengths_B
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy"))
+def _sample_uncached(params, cfg: ModelConfig, prompt_ids_BxP, prompt_mask_BxP, rng, temperature, top_p, top_k,
+                     eos_id, *, max_new_tokens: int, greedy: bool):
+  """`sample` without a cache, the reference: every step re-runs `forward` over the whole P + N buffer.
+
+  The loop `generate` ran before the cache, kept apart from `sample`'s code so the tests compare two
+  implementations. Causal attention means the not-yet-written columns after P-1+i cannot change the
+  hidden state read at step i, so the buffer keeps one shape and this compiles once too.
+  """
   batch, prompt_length = prompt_ids_BxP.shape
   ids_BxT = jnp.concatenate([prompt_ids_BxP, jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1)
   mask_BxT = jnp.concatenate([prompt_mask_BxP, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)

@@ -1,18 +1,23 @@
-"""Next-token rules by hand, `sampling.generate` against a step-by-step reference, and the generate CLI."""
+"""Next-token rules by hand; `sampling.generate` against a step-by-step reference, its uncached loop and
+transformers' `generate`; the KV cache against `forward`; and the generate CLI."""
 
+import dataclasses
 import functools
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import FAMILY_CONFIGS, VOCAB, save_torch_models
 from jaxdistill import models, sampling
 from jaxdistill.data.tokenizer import byte_tokenizer
 from jaxdistill.errors import ConfigError
 from jaxdistill.generate import Completion, SamplingSettings, encode_prompts
+from jaxdistill.models import transformer
 
 TOKENIZER = byte_tokenizer()  # 257 tokens, eos = pad = 256
 EOS = TOKENIZER.eos_token_id
@@ -25,6 +30,31 @@ NEW = 8
 PROBS_V = np.array([0.5, 0.3, 0.15, 0.05])
 LOGITS_BxV = np.log(np.stack([PROBS_V, PROBS_V[::-1]])).astype(np.float32)
 DRAWS = 4000
+# Configs the cache must follow the uncached loop on, beside CFG (Llama, one scan): Gemma 2 style (windowed and
+# global layers in one scan, score and logit soft-caps, post-norms, (1 + w) norms, a query scale, prefill in
+# query blocks of 4), GPT-2 (learned positions, inverse-layer scaling, LayerNorm, biases) and a Qwen3-MoE
+# style unrolled model (a dense and a sparse stack, q/k norms, a sliding window on every layer).
+CACHE_CONFIGS = {
+    "llama": CFG,
+    "gemma2_style": dataclasses.replace(
+        CFG, family="gemma2", sliding_window=3, full_attention_layers=(1,), attn_logit_softcap=50.0,
+        final_logit_softcap=30.0, post_norms=True, norm_unit_offset=True, scale_embeddings=True,
+        query_pre_attn_scalar=16, activation="gelu_pytorch_tanh", tie_word_embeddings=True, attention_block=4),
+    "gpt2": dataclasses.replace(
+        CFG, family="gpt2", norm="layer", activation="gelu_new", gated_mlp=False, rope=None, qkv_bias=True,
+        o_bias=True, mlp_bias=True, scale_attn_by_inverse_layer_idx=True, num_kv_heads=4),
+    "qwen3_moe_unrolled": dataclasses.replace(
+        CFG, family="qwen3_moe", qk_norm=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        mlp_only_layers=(0,), norm_topk_prob=True, sliding_window=3, scan_layers=False),
+}
+# transformers models whose greedy `generate` the cached sampler must reproduce token for token.
+HF_CONFIGS = {
+    "llama_gqa_untied": FAMILY_CONFIGS["llama_gqa_untied"],
+    "gemma2": ("Gemma2Config", dict(  # layer 0 windowed (3 keys), layer 1 global; soft-caps
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=3, query_pre_attn_scalar=24, attn_logit_softcapping=0.5,
+        final_logit_softcapping=2.0)),
+}
 
 
 @functools.partial(jax.jit, static_argnames=("temperature",))
@@ -50,6 +80,12 @@ def peaked_params(flat_params):
 @pytest.fixture(scope="module")
 def batch():
   return sampling.left_pad(PROMPTS, pad_id=0)
+
+
+@pytest.fixture(scope="module")
+def ragged_batch():
+  """Three prompts of 6, 1 and 4 tokens, left-padded to P = 6."""
+  return sampling.left_pad([PROMPTS[1], [7], PROMPTS[0]], pad_id=0)
 
 
 @pytest.fixture(scope="module")
@@ -163,15 +199,105 @@ def test_sampling_is_reproducible_and_depends_on_the_key(flat_params, batch):
   # Near-uniform over ~50 tokens: two keys agree on all 16 tokens with probability ~50^-16.
   assert np.any(sample(1) != first)
   assert first.min() >= 0 and first.max() < CFG.vocab_size and len(set(first.ravel().tolist())) > 4
-  compiled = sampling._generate._cache_size()
+  compiled = sampling.sample._cache_size()
   sample(2, temperature=0.7, top_p=0.5, top_k=0)  # sampling settings are traced: no recompilation
-  assert sampling._generate._cache_size() == compiled
+  assert sampling.sample._cache_size() == compiled
 
 
-def test_too_many_new_tokens_is_a_config_error(flat_params, batch):
+@pytest.mark.parametrize("name", list(CACHE_CONFIGS))
+def test_cached_greedy_equals_the_uncached_loop(name, ragged_batch):
+  """Token for token, without and then with an eos_id the first row produces at its third step."""
+  cfg = CACHE_CONFIGS[name]
+  params = jax.tree.map(lambda x: 5 * x, models.init_params(cfg, jax.random.key(0)))  # logit gaps >> float error
+
+  def both(eos_id):
+    return [sampling.generate(params, cfg, *ragged_batch, jax.random.key(0), max_new_tokens=NEW, temperature=0.0,
+                              eos_id=eos_id, kv_cache=kv_cache) for kv_cache in (True, False)]
+
+  (cached, cached_lengths), (uncached, uncached_lengths) = both(None)
+  np.testing.assert_array_equal(cached, uncached)
+  np.testing.assert_array_equal(cached_lengths, [NEW] * 3)
+  assert len(set(np.asarray(cached).ravel().tolist())) > 3  # not one token repeated
+  eos_id = int(uncached[0, 2])
+  (cached, cached_lengths), (uncached, uncached_lengths) = both(eos_id)
+  np.testing.assert_array_equal(cached, uncached)
+  np.testing.assert_array_equal(cached_lengths, uncached_lengths)
+  assert cached_lengths[0] <= 3 and cached[0, -1] == eos_id
+
+
+def test_cached_sampling_equals_the_uncached_loop_inside_another_jit(flat_params, ragged_batch):
+  """`sample` called from a jitted function on traced params and settings draws what the uncached loop draws."""
+  @jax.jit
+  def draw(params, rng, temperature, top_p, top_k):
+    return sampling.sample(params, CFG, *ragged_batch, rng, temperature, top_p, top_k, jnp.int32(-1),
+                           max_new_tokens=NEW, greedy=False)
+
+  for seed in (0, 1):
+    cached, lengths = draw(flat_params, jax.random.key(seed), jnp.float32(1.0), jnp.float32(0.9), jnp.int32(5))
+    uncached, _ = sampling.generate(flat_params, CFG, *ragged_batch, jax.random.key(seed), max_new_tokens=NEW,
+                                    temperature=1.0, top_p=0.9, top_k=5, kv_cache=False)
+    np.testing.assert_array_equal(cached, uncached)
+    np.testing.assert_array_equal(lengths, [NEW] * 3)
+    assert cached.dtype == lengths.dtype == jnp.int32 and len(set(np.asarray(cached).ravel().tolist())) > 8
+
+
+def test_prefill_and_decode_steps_give_the_forward_logits():
+  """A left-padded sequence run as a prefill of 6, a chunk of 2 and 4 single tokens: `forward`'s logits at every
+  real position, and the cache's mask and index account for every column."""
+  cfg = CACHE_CONFIGS["gemma2_style"]
+  params = models.init_params(cfg, jax.random.key(1))
+  ids_BxL = np.random.RandomState(0).randint(0, cfg.vocab_size, (3, 12)).astype(np.int32)
+  mask_BxL = np.ones((3, 12), np.int32)
+  mask_BxL[1, :2] = mask_BxL[2, :5] = 0
+  expected_BxLxV = np.asarray(models.forward(params, cfg, ids_BxL, mask_BxL).logits_BxLxV)
+
+  cache = transformer.init_cache(cfg, batch=3, length=13)  # one column to spare
+  out, cache = transformer.forward_cached(params, cfg, ids_BxL[:, :6], cache, mask_BxL[:, :6])
+  pieces = [out.logits_BxLxV]
+  for start, stop in [(6, 8), (8, 9), (9, 10), (10, 11), (11, 12)]:
+    out, cache = transformer.forward_cached(params, cfg, ids_BxL[:, start:stop], cache)
+    pieces.append(out.logits_BxLxV)
+  got_BxLxV = np.concatenate(pieces, axis=1)
+  real = mask_BxL.astype(bool)
+  np.testing.assert_allclose(got_BxLxV[real], expected_BxLxV[real], atol=1e-5, rtol=0)
+  assert int(cache.index) == 12
+  np.testing.assert_array_equal(cache.mask_BxT, np.concatenate([mask_BxL, np.zeros((3, 1), np.int32)], axis=1))
+  assert cache.k_BxLxTxGxK.shape == (3, cfg.num_layers, 13, cfg.num_kv_heads, cfg.head_dim)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+  pytest.importorskip("torch")
+  return save_torch_models(tmp_path_factory, HF_CONFIGS)
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_cached_greedy_equals_transformers_generate(hf_models, name):
+  """transformers' greedy `generate` on the same left-padded prompts; its eos token ends rows in both."""
+  import torch
+
+  path, torch_model = hf_models[name]
+  loaded = models.load_pretrained(path)
+  rng = np.random.RandomState(0)
+  ids_BxP, mask_BxP = sampling.left_pad([rng.randint(3, VOCAB, n).tolist() for n in (3, 7, 5)], pad_id=0)
+  eos_id = loaded.hf_config["eos_token_id"]
+  ours, lengths = sampling.generate(loaded.params, loaded.config, ids_BxP, mask_BxP, jax.random.key(0),
+                                    max_new_tokens=NEW, temperature=0.0, eos_id=eos_id)
+  with torch.no_grad():
+    theirs = torch_model.generate(torch.from_numpy(ids_BxP).long(), attention_mask=torch.from_numpy(mask_BxP).long(),
+                                  do_sample=False, max_new_tokens=NEW, pad_token_id=eos_id)
+  theirs = theirs[:, ids_BxP.shape[1]:].numpy()  # fewer than NEW columns if every row ended early
+  np.testing.assert_array_equal(np.asarray(ours)[:, :theirs.shape[1]], theirs)
+  assert np.all(np.asarray(ours)[:, theirs.shape[1]:] == eos_id)
+  assert len(set(theirs.ravel().tolist())) > 3
+
+
+def test_too_many_or_no_new_tokens_is_a_config_error(flat_params, batch):
   with pytest.raises(ConfigError, match="at most 26 after a prompt of 6 tokens") as error:
     sampling.generate(flat_params, CFG, *batch, jax.random.key(0), max_new_tokens=27, temperature=0.0)
   assert error.value.field == "--max_new_tokens"
+  with pytest.raises(ConfigError, match="an integer >= 1"):
+    sampling.generate(flat_params, CFG, *batch, jax.random.key(0), max_new_tokens=0, temperature=0.0)
 
 
 def test_sampling_settings_validate_and_describe():

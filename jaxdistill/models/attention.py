@@ -22,6 +22,8 @@ picks blockwise and `xla` materialises the scores itself.
 
 `attention_probs` gives the float32 probability rows of any set of queries; the attention-transfer and
 router losses call it one query block at a time (`query_blocks`) on the q and k a layer returned.
+`attend_to_keys` is the blockwise path for queries at any indices over any keys: a KV cache's prefill
+and decode steps (`transformer.forward_cached`) attend to the cache's whole buffer through it.
 """
 
 from typing import Callable
@@ -120,18 +122,25 @@ def query_blocks(fn: Callable, arrays: tuple, block: int):
   return jax.tree.map(join, values)
 
 
-def _blockwise(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, key_mask_BxL, scale, block: int, window, softcap: float):
-  batch, length, heads, head_dim = q_BxLxNxK.shape
-  kv_heads = k_BxLxGxK.shape[2]
+def attend_to_keys(q_BxQxNxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, query_index_BxQ: jax.Array,
+                   key_mask_BxS: jax.Array, scale, *, block: int, window: int | jax.Array = 0,
+                   softcap: float = 0.0) -> jax.Array:
+  """Attention output [B, Q, N, K] of queries at sequence indices `query_index_BxQ` over the keys 0..S-1.
+
+  The blockwise implementation: `attention_probs` rows, `block` queries at a time (`query_blocks`; 0: all
+  at once), cast to the values' dtype and summed over the values. Self-attention passes the queries' own
+  keys; a KV cache passes its whole buffer, of which the causal-by-index mask hides the unwritten columns.
+  """
+  batch, _, heads, head_dim = q_BxQxNxK.shape
+  keys, kv_heads = k_BxSxGxK.shape[1:3]
 
   def rows(q_BxQxNxK, index_BxQ):
-    probs_BxGxRxQxL = attention_probs(q_BxQxNxK, k_BxLxGxK, index_BxQ, key_mask_BxL, scale, window, softcap).reshape(
-        batch, kv_heads, heads // kv_heads, q_BxQxNxK.shape[1], length)
-    out = jnp.einsum("bgrqs,bsgk->bqgrk", probs_BxGxRxQxL.astype(v_BxLxGxK.dtype), v_BxLxGxK)
+    probs_BxGxRxQxS = attention_probs(q_BxQxNxK, k_BxSxGxK, index_BxQ, key_mask_BxS, scale, window, softcap).reshape(
+        batch, kv_heads, heads // kv_heads, q_BxQxNxK.shape[1], keys)
+    out = jnp.einsum("bgrqs,bsgk->bqgrk", probs_BxGxRxQxS.astype(v_BxSxGxK.dtype), v_BxSxGxK)
     return out.reshape(batch, -1, heads, head_dim)
 
-  index_BxL = jnp.broadcast_to(jnp.arange(length), (batch, length))
-  return query_blocks(rows, (q_BxLxNxK, index_BxL), block)
+  return query_blocks(rows, (q_BxQxNxK, query_index_BxQ), block)
 
 
 def attend(q_BxLxNxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, key_mask_BxL: jax.Array, *,
@@ -159,8 +168,9 @@ def attend(q_BxLxNxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, key
     raise ValueError(f"cuDNN attention cannot soft-cap the scores (softcap={softcap}); use blockwise or xla")
   if implementation == "blockwise" or softcap:  # dot_product_attention has no soft-cap: xla materialises itself
     scale = head_scale if layer_factor is None else head_scale * layer_factor
-    return _blockwise(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, key_mask_BxL, scale, block if implementation == "blockwise"
-                      else 0, window, softcap)
+    index_BxL = jnp.broadcast_to(jnp.arange(key_mask_BxL.shape[1]), key_mask_BxL.shape)
+    return attend_to_keys(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, index_BxL, key_mask_BxL, scale,
+                          block=block if implementation == "blockwise" else 0, window=window, softcap=softcap)
   if right_padded and not isinstance(window, int):
     def static(w):
       return lambda: attend(q_BxLxNxK, k_BxLxGxK, v_BxLxGxK, key_mask_BxL, head_scale=head_scale,

@@ -10,6 +10,8 @@ Per-layer outputs are returned only when asked for: hidden states (the scan's ou
 and for the static tuples `qk_layers` / `attention_layers` / `expert_layers` each such layer's q and k
 (from which the attention losses recompute map rows block by block), its full map (inspection), or
 its per-expert outputs, written into slots of buffers the scan carries.
+`forward_cached` runs new tokens on top of a `KVCache` (prefill, then one token per decode step): the
+scan carries the cache too, each layer writing its keys and values into its slot and attending to it.
 """
 
 import dataclasses
@@ -61,6 +63,22 @@ class LMOutput:
   queries_keys: tuple[attention.QueriesKeys, ...] = ()
 
 
+@flax.struct.dataclass
+class KVCache:
+  """Every layer's keys and values of the tokens run so far, in a buffer of T columns (`forward_cached`).
+
+  k_BxLxTxGxK, v_BxLxTxGxK: keys (after RoPE and k norm) and values of the L layers (all stacks, by layer
+    index), G key/value heads (never expanded to the query heads), in the compute dtype: 2 x B x L x T x G x K
+    numbers. Columns at `index` and beyond are not written yet.
+  mask_BxT: 1 for real tokens, 0 for (left) padding and for columns not written yet.
+  index: int32 scalar, the columns written so far; the next token goes to column `index`, in every row.
+  """
+  k_BxLxTxGxK: jax.Array
+  v_BxLxTxGxK: jax.Array
+  mask_BxT: jax.Array
+  index: jax.Array
+
+
 def _init(cfg: ModelConfig):
   del cfg
   return nn.initializers.normal(stddev=0.02)
@@ -100,15 +118,18 @@ def _dense(cfg: ModelConfig, features: int, use_bias: bool, name: str) -> nn.Den
 
 
 class Attention(nn.Module):
-  """Grouped-query attention; returns the output and the layer's queries and keys (after RoPE and norms).
+  """Grouped-query attention; returns the output, the layer's queries and keys (after RoPE and norms) and the cache.
 
   `window` is the layer's sliding window (0: none): a python int, or traced in a scan over a stack that
-  mixes windowed and full layers; it also picks the windowed layers' RoPE (`local_rope`).
+  mixes windowed and full layers; it also picks the windowed layers' RoPE (`local_rope`). With a `cache`
+  the keys and values go into its slot `layer` and the queries attend to all of that slot
+  (`_attend_cached`; `mask_BxL` is then unused); without one the cache returned is None.
   """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask_BxL, layer, right_padded: bool, window: int | jax.Array = 0):
+  def __call__(self, x_BxLxD, positions_BxL, mask_BxL, layer, right_padded: bool, window: int | jax.Array = 0,
+               cache: KVCache | None = None):
     cfg = self.cfg
     batch, length, _ = x_BxLxD.shape
     heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -122,13 +143,38 @@ class Attention(nn.Module):
       inv_freq = _inverse_frequencies(cfg, window)
       q = apply_rope(q, positions_BxL, inv_freq)
       k = apply_rope(k, positions_BxL, inv_freq)
-    out_BxLxNxK = attention.attend(
-        q, k, v, mask_BxL, head_scale=cfg.attention_scale, layer_factor=_layer_factor(cfg, layer),
-        implementation=attention.resolve_implementation(cfg.attention, cfg.dtype, head_dim, cfg.attn_logit_softcap),
-        block=cfg.attention_block, right_padded=right_padded, window=window, windows=(cfg.sliding_window, 0),
-        softcap=cfg.attn_logit_softcap)
+    if cache is None:
+      out_BxLxNxK = attention.attend(
+          q, k, v, mask_BxL, head_scale=cfg.attention_scale, layer_factor=_layer_factor(cfg, layer),
+          implementation=attention.resolve_implementation(cfg.attention, cfg.dtype, head_dim, cfg.attn_logit_softcap),
+          block=cfg.attention_block, right_padded=right_padded, window=window, windows=(cfg.sliding_window, 0),
+          softcap=cfg.attn_logit_softcap)
+    else:
+      out_BxLxNxK, cache = _attend_cached(cfg, q, k, v, cache, layer, window)
     out_BxLxD = _dense(cfg, cfg.hidden_size, cfg.o_bias, "o")(out_BxLxNxK.reshape(batch, length, heads * head_dim))
-    return out_BxLxD, q, k
+    return out_BxLxD, q, k, cache
+
+
+def _attend_cached(cfg: ModelConfig, q_BxSxNxK, k_BxSxGxK, v_BxSxGxK, cache: KVCache, layer, window):
+  """Writes S new tokens' keys and values into slot `layer` of `cache` at columns index.., then attends to all T.
+
+  The queries sit at columns index + arange(S): causality by column hides the unwritten ones, the cache's
+  mask the padding. Always the blockwise arithmetic (the fused kernels take no cache), a block of
+  `cfg.attention_block` queries at a time, so a long prefill never holds more than a block's rows.
+  Returns (out_BxSxNxK, the cache with the new keys and values).
+  """
+  batch, new = q_BxSxNxK.shape[:2]
+  start = (0, layer, cache.index, 0, 0)
+  k_cache = jax.lax.dynamic_update_slice(cache.k_BxLxTxGxK, k_BxSxGxK[:, None], start)
+  v_cache = jax.lax.dynamic_update_slice(cache.v_BxLxTxGxK, v_BxSxGxK[:, None], start)
+  factor = _layer_factor(cfg, layer)
+  out_BxSxNxK = attention.attend_to_keys(
+      q_BxSxNxK, jax.lax.dynamic_index_in_dim(k_cache, layer, 1, keepdims=False),
+      jax.lax.dynamic_index_in_dim(v_cache, layer, 1, keepdims=False),
+      jnp.broadcast_to(cache.index + jnp.arange(new), (batch, new)), cache.mask_BxT,
+      cfg.attention_scale if factor is None else cfg.attention_scale * factor, block=cfg.attention_block,
+      window=window, softcap=cfg.attn_logit_softcap)
+  return out_BxSxNxK, cache.replace(k_BxLxTxGxK=k_cache, v_BxLxTxGxK=v_cache)
 
 
 def _inverse_frequencies(cfg: ModelConfig, window):
@@ -217,17 +263,18 @@ class Block(nn.Module):
   """Pre-norm attention and MLP (or routed experts) with residuals; with `post_norms` each sublayer's
   output is normed too before its residual add.
 
-  Returns (x_BxLxD, the layer's q and k, router logits or None, the expert-capture buffer or None).
+  Returns (x_BxLxD, the layer's q and k, router logits or None, the expert-capture buffer or None, the
+  KV cache with this layer's keys and values written, or None without one).
   """
   cfg: ModelConfig
   sparse: bool = False  # routed experts instead of the dense MLP
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, mask_BxL, layer, right_padded: bool = False, capture=None,
-               window: int | jax.Array = 0):
+               window: int | jax.Array = 0, cache: KVCache | None = None):
     cfg = self.cfg
-    attn_out, q, k = Attention(cfg, name="attn")(
-        Norm(cfg, name="attn_norm")(x_BxLxD), positions_BxL, mask_BxL, layer, right_padded, window)
+    attn_out, q, k, cache = Attention(cfg, name="attn")(
+        Norm(cfg, name="attn_norm")(x_BxLxD), positions_BxL, mask_BxL, layer, right_padded, window, cache)
     if cfg.post_norms:
       attn_out = Norm(cfg, name="attn_post_norm")(attn_out)
     x_BxLxD = x_BxLxD + attn_out
@@ -238,7 +285,7 @@ class Block(nn.Module):
       mlp_out, router_logits, buffer = MLP(cfg, name="mlp")(normed_BxLxD), None, capture and capture[0]
     if cfg.post_norms:
       mlp_out = Norm(cfg, name="mlp_post_norm")(mlp_out)
-    return x_BxLxD + mlp_out, q, k, router_logits, buffer
+    return x_BxLxD + mlp_out, q, k, router_logits, buffer, cache
 
 
 _REMAT_POLICIES = {
@@ -263,11 +310,12 @@ def _stack_init(cfg: ModelConfig, sparse: bool, count: int):
 
 @flax.struct.dataclass
 class _Carry:
-  """What flows from block to block: the residual stream and the buffers the requested outputs go to."""
+  """What flows from block to block: the residual stream, the buffers the requested outputs go to, the KV cache."""
   x_BxLxD: jax.Array
   q_buffer: jax.Array | None        # [S + 1, B, L, N, K]: slot s holds qk_layers[s]; the last is scratch
   k_buffer: jax.Array | None        # [S + 1, B, L, G, K]
   expert_buffer: jax.Array | None   # [X, B, L, E, D]: slot x holds expert_layers[x]
+  cache: KVCache | None = None      # each layer writes its keys and values into its slot (`forward_cached`)
 
 
 def _runs(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
@@ -299,10 +347,11 @@ def _run_blocks(cfg: ModelConfig, stack_params, stack: str, layers: tuple[int, .
   # Windowed and full layers in one scan: each layer's window rides along as a traced int; otherwise it is static.
   traced_window = cfg.scan_layers and len(set(windows)) > 1
 
-  def apply_block(params, x_BxLxD, layer, capture, window):
-    return block.apply({"params": params}, x_BxLxD, positions_BxL, mask_BxL, layer, right_padded, capture, window)
+  def apply_block(params, x_BxLxD, layer, capture, window, cache):
+    return block.apply({"params": params}, x_BxLxD, positions_BxL, mask_BxL, layer, right_padded, capture, window,
+                       cache)
 
-  if cfg.remat != "none":
+  if cfg.remat != "none" and carry.cache is None:  # decoding with a cache takes no gradient
     apply_block = jax.checkpoint(apply_block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
                                  static_argnums=() if traced_window else (4,))
 
@@ -310,14 +359,15 @@ def _run_blocks(cfg: ModelConfig, stack_params, stack: str, layers: tuple[int, .
     params, layer, qk_slot, expert_slot, window = xs
     window = windows[0] if window is None else window
     capture = None if carry.expert_buffer is None else (carry.expert_buffer, expert_slot)
-    x_BxLxD, q, k, router_logits, expert_buffer = apply_block(params, carry.x_BxLxD, layer, capture, window)
+    x_BxLxD, q, k, router_logits, expert_buffer, cache = apply_block(params, carry.x_BxLxD, layer, capture, window,
+                                                                     carry.cache)
     x_BxLxD = constrain_batch(x_BxLxD)
     q_buffer, k_buffer = carry.q_buffer, carry.k_buffer
     if q_buffer is not None:
       q_buffer = jax.lax.dynamic_update_index_in_dim(q_buffer, q, qk_slot, 0)
       k_buffer = jax.lax.dynamic_update_index_in_dim(k_buffer, k, qk_slot, 0)
-    return _Carry(x_BxLxD, q_buffer, k_buffer, expert_buffer), (x_BxLxD if output_hidden_states else None,
-                                                               router_logits if output_router_logits else None)
+    return _Carry(x_BxLxD, q_buffer, k_buffer, expert_buffer, cache), (
+        x_BxLxD if output_hidden_states else None, router_logits if output_router_logits else None)
 
   qk_index = [qk_slots.get(layer, scratch) for layer in layers]
   expert_index = [expert_slots.get(layer, -1) for layer in layers]
@@ -355,12 +405,7 @@ class CausalLM(nn.Module):
                expert_layers: Sequence[int] = (), right_padded: bool = False) -> LMOutput:
     cfg = self.cfg
     batch, length = input_ids_BxL.shape
-    x_BxLxD = self.embed(input_ids_BxL)
-    if cfg.scale_embeddings:  # sqrt(hidden_size) rounded to float32, then to the compute dtype, as transformers does
-      x_BxLxD = x_BxLxD * jnp.asarray(np.float32(cfg.hidden_size ** 0.5), x_BxLxD.dtype)
-    if cfg.rope is None:
-      x_BxLxD = x_BxLxD + self.pos_embed(positions_BxL)
-    x_BxLxD = constrain_batch(x_BxLxD)
+    x_BxLxD = self.embed_tokens(input_ids_BxL, positions_BxL)
     qk_slots = {layer: slot for slot, layer in enumerate(qk_layers)}
     expert_slots = {layer: slot for slot, layer in enumerate(expert_layers)}
     heads = (len(qk_layers) + 1, batch, length)
@@ -394,6 +439,27 @@ class CausalLM(nn.Module):
         router_logits=tuple(router_logits) if output_router_logits else (),
         expert_outputs=tuple(carry.expert_buffer[slot] for slot in range(len(expert_layers))),
         queries_keys=queries_keys)
+
+  def embed_tokens(self, input_ids_BxL, positions_BxL):
+    """Token embeddings (scaled with `scale_embeddings`) plus learned position embeddings where there is no RoPE."""
+    cfg = self.cfg
+    x_BxLxD = self.embed(input_ids_BxL)
+    if cfg.scale_embeddings:  # sqrt(hidden_size) rounded to float32, then to the compute dtype, as transformers does
+      x_BxLxD = x_BxLxD * jnp.asarray(np.float32(cfg.hidden_size ** 0.5), x_BxLxD.dtype)
+    if cfg.rope is None:
+      x_BxLxD = x_BxLxD + self.pos_embed(positions_BxL)
+    return constrain_batch(x_BxLxD)
+
+  def extend_cache(self, input_ids_BxL, positions_BxL, cache: KVCache,
+                   compute_logits: bool) -> tuple[jax.Array | None, jax.Array, KVCache]:
+    """The blocks on L new tokens whose columns of `cache.mask_BxT` are already set: (logits or None, the
+    final-normed hidden state, the cache with every layer's new keys and values)."""
+    carry = _Carry(self.embed_tokens(input_ids_BxL, positions_BxL), None, None, None, cache)
+    for stack, layers in _runs(self.cfg):
+      carry, _ = _run_blocks(self.cfg, self.stacks[stack], stack, layers, carry, positions_BxL, None, {}, {},
+                             right_padded=False, output_hidden_states=False, output_router_logits=False)
+    final_BxLxD = self.final_norm(carry.x_BxLxD)
+    return self.unembed(final_BxLxD) if compute_logits else None, final_BxLxD, carry.cache
 
   def unembed(self, hidden_BxLxD):
     """LM head: final hidden states -> logits (tied to the embeddings or a separate matrix), soft-capped
@@ -469,6 +535,51 @@ def forward(params, cfg: ModelConfig, input_ids_BxL, mask_BxL=None, positions_Bx
   by_layer = dict(zip(requested, out.queries_keys))
   return out.replace(attentions=tuple(attention.full_maps(by_layer[i], mask_BxL) for i in attention_layers),
                      queries_keys=tuple(by_layer[i] for i in qk_layers))
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
+  """An empty KV cache of `length` columns for `batch` rows: 2 x batch x layers x length x kv heads x head_dim
+  numbers in the compute dtype, batch axis pinned like the residual stream's."""
+  shape = (batch, cfg.num_layers, length, cfg.num_kv_heads, cfg.head_dim)
+  return KVCache(constrain_batch(jnp.zeros(shape, cfg.dtype)), constrain_batch(jnp.zeros(shape, cfg.dtype)),
+                 constrain_batch(jnp.zeros((batch, length), jnp.int32)), jnp.int32(0))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "compute_logits"))
+def forward_cached(params, cfg: ModelConfig, input_ids_BxL, cache: KVCache, mask_BxL=None, positions_BxL=None, *,
+                   compute_logits: bool = True) -> tuple[LMOutput, KVCache]:
+  """Runs L new tokens on top of the tokens in `cache` (a prefill, or one decode step with L = 1).
+
+  The new tokens go to columns index..index+L-1 of the cache, in every row, and attend to everything
+  written before them there and to each other causally, with the windows, soft-caps and scales of
+  `forward`: running a sequence in pieces gives `forward`'s outputs for it, up to float rounding. Cost
+  per token: one token's matmuls plus attention over the cache's T columns (the unwritten ones are
+  masked), instead of a forward over the whole sequence.
+
+  Args:
+    params: the params pytree of `CausalLM(cfg)`.
+    cfg: the architecture (static).
+    input_ids_BxL: int token ids; index + L must not exceed the cache's T columns.
+    cache: from `init_cache`, or the cache a previous call returned.
+    mask_BxL: 1 for real tokens, 0 for padding (the prompt's left padding); all ones when None.
+    positions_BxL: position ids; by default counted over the real tokens of the cache and these, as
+      `default_positions` counts them over the whole sequence (left padding does not shift positions).
+    compute_logits: False skips the LM head (`LMOutput.logits_BxLxV` is None).
+
+  Returns:
+    (LMOutput with the logits and final hidden states of the new tokens only; the cache, `index` advanced by L).
+  """
+  batch, length = input_ids_BxL.shape
+  mask_BxL = jnp.ones((batch, length), jnp.int32) if mask_BxL is None else jnp.asarray(mask_BxL, jnp.int32)
+  if positions_BxL is None:
+    seen_Bx1 = jnp.sum(cache.mask_BxT, axis=1, keepdims=True)  # unwritten columns are 0
+    positions_BxL = jnp.maximum(seen_Bx1 + jnp.cumsum(mask_BxL, axis=1) - 1, 0)
+  cache = cache.replace(mask_BxT=jax.lax.dynamic_update_slice(cache.mask_BxT, mask_BxL, (0, cache.index)))
+  logits_BxLxV, final_BxLxD, cache = CausalLM(cfg).apply({"params": params}, input_ids_BxL, positions_BxL, cache,
+                                                          compute_logits, method=CausalLM.extend_cache)
+  cache = KVCache(constrain_batch(cache.k_BxLxTxGxK), constrain_batch(cache.v_BxLxTxGxK),
+                  constrain_batch(cache.mask_BxT), cache.index + length)
+  return LMOutput(logits_BxLxV, final_BxLxD, hidden_states=None, attentions=()), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
