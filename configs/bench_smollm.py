@@ -5,9 +5,10 @@ Command (a GPU; on a CPU it runs, slowly):
 The teacher has SmolLM-360M's shape (Llama, 960 wide, 32 blocks, 15 heads / 5 KV heads, MLP 2560)
 and the student SmolLM-135M's (576 wide, 30 blocks, 9 / 3 heads, MLP 1536), both with the 49,152-token
 vocabulary and tied embeddings, random weights: speed and memory do not depend on the weights, and
-the benchmark feeds random token ids. The full default curriculum (kd, lm, attention, router,
-layerwise, contrastive) is compiled in, as in a real run. The student recomputes each block in the
-backward pass (`remat='full'`); attention is cuDNN flash attention on sm_80+ GPUs, blockwise elsewhere.
+the benchmark feeds random token ids. The seed run's full curriculum (kd, lm, attention, router,
+layerwise, contrastive; `config.seed_recipe`) is compiled in, as in a real run of it. The student
+recomputes each block in the backward pass (`remat='full'`); attention is cuDNN flash attention on
+sm_80+ GPUs, blockwise elsewhere.
   (no arg)  bf16 compute, fp32 master weights for the student, a bf16 teacher (H100/H200 class).
   :p100     the P100 run's numerics and batch (`configs/p100_same_tokenizer.py`): fp16 compute with
             dynamic loss scaling, an fp16 teacher, 4 x 512 tokens per micro-batch, 16 micro-batches.
@@ -25,7 +26,7 @@ def get_config(arg=None):
     raise ValueError(f"unknown config argument {arg!r}; allowed: {', '.join(ARGS)}")
   p100 = arg == "p100"
   compute = "float16" if p100 else "bfloat16"
-  cfg = config_lib.base_config()
+  cfg = config_lib.seed_recipe(config_lib.base_config())
   cfg.tokenizer = "byte"          # only for a training run's data; the benchmark draws ids over VOCAB
   cfg.teacher = config_lib.model_group(arch=dict(
       family="llama", vocab_size=VOCAB, hidden_size=960, num_layers=32, num_heads=15, num_kv_heads=5,

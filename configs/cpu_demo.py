@@ -7,12 +7,19 @@ tokenizer. Three runs of the same training program, on the same train split (the
 held out from all three):
   1. the teacher (a 4-layer Llama) trained by plain LM, kept in ~/.cache/jaxdistill/teachers under a
      hash of its config (`stages.teacher_steps`; a second run reuses it);
-  2. the student (a 2-layer Llama) distilled from it through the full curriculum -> WORKDIR;
+  2. the student (a 2-layer Llama) distilled from it with the recommended recipe (kd 0.7 + lm 0.3 at
+     T = 1, `base_config`'s) -> WORKDIR;
   3. the same student, same initial weights, data order, steps and tokens, trained alone by plain LM
      -> WORKDIR/scratch (`stages.scratch_baseline`).
 It ends with a table of held-out perplexity (WORKDIR/comparison.md) and the training curves
-(WORKDIR/curves.png). On 2 CPU cores: 10 min 10 s with the teacher to train (6 min of it the
-teacher), less when it is cached. `:smoke` runs the same three stages on tiny models in 48 s.
+(WORKDIR/curves.png), and evaluation also samples 100 tokens after 16-token prompts from the student
+and reports the teacher's NLL of them. On 2 CPU cores: about 10 min with the teacher to train (6 min
+of it the teacher), 3 min 41 s with it cached; held-out perplexity teacher 4.29, scratch 6.28,
+distilled 5.54: 37.4% of the gap (README "The demo"). `:smoke` runs the same three stages on tiny
+models in about a minute, through the seed run's whole curriculum (at T = 1), so that every loss
+component runs end to end. On-policy distillation is an override away (README "On-policy
+distillation"; this random-init student wants an off-policy warm-up first):
+    --config.on_policy.fraction=0.5 --config.on_policy.start=0.3
 `:cross` (and `:cross_smoke`) is the same demo across two tokenizers with a mixture-of-experts
 teacher, the seed run's kind of pairing (`across_tokenizers` below).
 """
@@ -27,7 +34,10 @@ def get_config(arg=None):
   if arg not in (None, "") + ARGS:
     raise ValueError(f"unknown config argument {arg!r}; allowed: {', '.join(ARGS)}")
   smoke = arg in ("smoke", "cross_smoke")
-  cfg = config_lib.base_config()
+  cfg = config_lib.base_config()               # the recommended recipe: kd 0.7 + lm 0.3 at T = 1, no auxiliaries
+  if smoke:  # the seed run's whole curriculum at T = 1: every component runs end to end in the test suite
+    config_lib.seed_recipe(cfg)
+    cfg.curriculum.temperature = (1.0, 1.0, 1.0)
   cfg.tokenizer = "byte"                       # built-in UTF-8 byte tokenizer: 257 tokens, nothing to download
   cfg.teacher = config_lib.model_group(arch=dict(
       family="llama", hidden_size=64 if smoke else 128, num_layers=2 if smoke else 4, num_heads=4,
@@ -38,9 +48,11 @@ def get_config(arg=None):
   cfg.stages.teacher_steps = 8 if smoke else 1000   # plain-LM steps that train the teacher first (cached)
   cfg.stages.teacher_learning_rate = 3e-3
   cfg.stages.scratch_baseline = True           # the same student trained alone, for the comparison table
-  # KD at T = 1 in every phase. The seed run's 2.0 / 1.75 / 1.5 makes this small student match the
-  # teacher's softened tail at the expense of its head: it ends above the scratch baseline (README).
-  cfg.curriculum.temperature = (1.0, 1.0, 1.0)
+  # Sampled sequences (on-policy batches with on_policy.fraction > 0, and evaluation's samples): 16 tokens of a
+  # row, 100 sampled. 116 tokens a sampled micro-batch cost the teacher's and the student's forwards (and the
+  # sampler's) what the 128 of a data micro-batch do: on-policy and off-policy runs compare at equal FLOPs.
+  cfg.on_policy.prompt_length = 16
+  cfg.on_policy.completion_length = 100
   # A 257-token vocabulary: a whole batch's float32 logits are 1 MiB, so chunking the kd/lm
   # vocabulary work saves nothing and its loop costs 19% of the step (bench/RESULTS.md).
   cfg.distill.chunk_size = 0
@@ -69,11 +81,12 @@ def across_tokenizers(cfg, smoke: bool) -> None:
 
   The teacher is a 4-expert top-2 Qwen3-MoE (the same active width as the dense demo teacher) trained
   in a SentencePiece-style BPE ('sp:600'); the student reads a byte-level BPE ('bpe:400'), both trained
-  locally on the built-in corpus. kd compares the vocabularies on text-aligned positions, and the
-  router mixes the teacher's real experts (its last sparse block). The comparison table gives the
-  teacher's loss per student token, so all three perplexities are over the same units. On 2 CPU
-  cores: 8 min 40 s with the teacher to train, 2 min 32 s with it cached; held-out perplexity
-  teacher 10.18, scratch 16.85, distilled 15.74 (README "Two tokenizers and MoE teachers").
+  locally on the built-in corpus. kd compares the vocabularies on text-aligned positions (the router,
+  which mixes the teacher's real experts of its last sparse block, runs in `:cross_smoke` and with
+  `config.seed_recipe`; here it cost more than it gave). The comparison table gives the teacher's loss
+  per student token, so all three perplexities are over the same units. On 2 CPU cores: 8 min 40 s
+  with the teacher to train, 2 min 32 s with it cached; held-out perplexity teacher 10.06, scratch
+  16.84, distilled 15.03: 26.7% of the gap (README "Two tokenizers and MoE teachers").
   """
   cfg.tokenizer = "bpe:400"
   cfg.teacher_tokenizer = "sp:600"

@@ -28,7 +28,7 @@ TEACHER = "checkpoints/qwen3-moe-1b"  # the seed run's MoE teacher: a local copy
 def get_config(arg=None):
   if arg not in (None, "", "smoke"):
     raise ValueError(f"unknown config argument {arg!r}; allowed: smoke")
-  cfg = config_lib.base_config()
+  cfg = config_lib.seed_recipe(config_lib.base_config())  # the seed run's curriculum, reproduced
   cfg.tokenizer = ""                           # '': the student's own (SmolLM's)
   cfg.teacher_tokenizer = ""                   # '': the teacher checkpoint's own (Qwen's)
   cfg.teacher = config_lib.model_group(TEACHER, param_dtype="float16", dtype="float16")

@@ -135,8 +135,8 @@ def test_a_save_without_room_raises_disk_full_before_writing(tmp_path, monkeypat
   needed = ckpt.nbytes(_state(2))
   # Params, Adam's two moments and the accumulator: 4 x 9 floats; four-byte scalars: a non-finite counter per
   # loss component and for the gradients, and 10 more (step, loss scale and its counter, skip streak, six
-  # optimizer counts).
-  assert needed == 4 * 9 * 4 + (len(NONFINITE_COUNTERS) + 10) * 4
+  # optimizer counts); the sampler's key, two uint32.
+  assert needed == 4 * 9 * 4 + (len(NONFINITE_COUNTERS) + 10) * 4 + 2 * 4
   usage = shutil.disk_usage(tmp_path)
   monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _: usage._replace(free=needed))
   checkpointer = ckpt.Checkpointer(str(tmp_path), keep=3)

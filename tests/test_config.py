@@ -194,13 +194,21 @@ def test_lm_mode_weighs_only_the_lm_term():
   assert not cfg.objective.needs_teacher and not cfg.objective.needs_heads
 
 
-def test_the_curriculum_group_is_the_registrys_entries_and_their_defaults():
+def test_the_curriculum_group_is_the_registrys_entries_with_the_recommended_recipe_and_the_seeds_on_request():
   from jaxdistill.objective import ENTRIES
 
   group = config_lib.base_config().curriculum
-  assert {e.name: tuple(group[e.name]) for e in ENTRIES} == {e.name: e.defaults for e in ENTRIES}
   assert set(group.keys()) == {e.name for e in ENTRIES} | {"boundaries", "alpha_kd", "temperature", "ramp_fraction"}
-  assert tuple(group["feature"]) == (0.0, 0.1, 0.1) and tuple(group["temperature"]) == (2.0, 1.75, 1.5)
+  # The recommended recipe: kd 0.7 + lm 0.3 at T = 1, every other entry off.
+  assert {e.name: tuple(group[e.name]) for e in ENTRIES} == {
+      e.name: e.defaults if e.name in ("kd", "lm") else (0.0, 0.0, 0.0) for e in ENTRIES}
+  assert tuple(group["kd"]) == (0.7, 0.7, 0.7) and tuple(group["temperature"]) == (1.0, 1.0, 1.0)
+  # The seed run's: the registry's per-component defaults, T = 2.0 / 1.75 / 1.5.
+  seed = config_lib.seed_recipe(config_lib.base_config()).curriculum
+  assert {e.name: tuple(seed[e.name]) for e in ENTRIES} == {e.name: e.defaults for e in ENTRIES}
+  assert tuple(seed["feature"]) == (0.0, 0.1, 0.1) and tuple(seed["temperature"]) == (2.0, 1.75, 1.5)
+  p100 = config_lib.parse(config_lib.load("configs/p100_same_tokenizer.py"))
+  assert p100.objective.curriculum.temperature == (2.0, 1.75, 1.5)
 
 
 def test_the_teacher_cache_key_follows_what_the_weights_depend_on(tmp_path):

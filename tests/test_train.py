@@ -13,9 +13,12 @@ from conftest import run_train as _run
 from conftest import train_command as _command
 from jaxdistill.objective import COMPONENTS
 
-# A longer smoke run for interruption tests: 40 optimizer steps, checkpoints every 5.
-LONG = [*DISTILL_ONLY, "--config.train.max_steps=40", "--config.log.tensorboard=False", "--config.checkpoint.every_steps=5", "--config.train.eval_every_steps=20",
-        "--config.log.debug_every_steps=20", "--config.log.curriculum_every_steps=20", "--config.log.every_steps=5"]
+# A longer smoke run for interruption tests: 40 optimizer steps, checkpoints every 5; half the micro-batches are
+# sampled from the student (on-policy), so a resume must also restore the sampler's key.
+LONG = [*DISTILL_ONLY, "--config.on_policy.fraction=0.5", "--config.on_policy.prompt_length=8",
+        "--config.on_policy.completion_length=8", "--config.train.max_steps=40", "--config.log.tensorboard=False",
+        "--config.checkpoint.every_steps=5", "--config.train.eval_every_steps=20", "--config.log.debug_every_steps=20",
+        "--config.log.curriculum_every_steps=20", "--config.log.every_steps=5"]
 
 
 def _start(env, workdir, *args):
@@ -69,6 +72,7 @@ def test_run_prints_the_blocks_users_read(smoke_run):
                 "[DONE] student exported to"):
     assert block in out, block
   assert out.count("(match)") == 2 and "MISMATCH" not in result.stdout
+  assert "\n  student samples: teacher NLL=" in out  # evaluation samples from the student (on_policy.eval_samples)
   assert "  model   : random llama " in scratch and "12 optimizer steps" in scratch
   assert "[COMPARISON] held-out perplexity" in scratch and "| distilled student |" in scratch
   assert result.stdout.rstrip().splitlines()[-1].startswith("[PLOT] ")
@@ -175,6 +179,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bit_for_bit(env, tmp_p
   resumed = _run(env, workdir, *LONG)  # a workdir with checkpoints resumes by default
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resuming at step" in resumed.stdout
+  assert "  sampled : 50% of micro-batches: 8 tokens of a row + 8 sampled from the student" in resumed.stdout
+  sampled = [r["sampled"] for r in read_records(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "train"]
+  assert max(sampled) > 0 and len(set(sampled)) > 1, sampled  # sampled and data micro-batches both ran
   assert _weights(workdir) == _weights(tmp_path / "reference")
 
 

@@ -3,8 +3,8 @@
 entry points, configs/ and the tests use."""
 
 from jaxdistill.config.files import (arch_group, base_config, config_module, define_config_flag, load, loaded_config,
-                                     model_group)
+                                     model_group, seed_recipe)
 from jaxdistill.config.schema import Config, DebugSpec, ModelSpec, StagesSpec, parse
 
 __all__ = ["Config", "DebugSpec", "ModelSpec", "StagesSpec", "arch_group", "base_config", "config_module",
-           "define_config_flag", "load", "loaded_config", "model_group", "parse"]
+           "define_config_flag", "load", "loaded_config", "model_group", "parse", "seed_recipe"]

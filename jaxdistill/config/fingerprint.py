@@ -24,13 +24,14 @@ from jaxdistill.models.config import RUNTIME_FIELDS
 STATE = "state_shapes"
 # Field groups and fields a resume may change without being asked to.
 CHANGEABLE = ("train", "log", "checkpoint", "monitor", "debug", "mesh", "stages", "offline_teacher.dir",
+              "on_policy.eval_samples",
               "optim.learning_rate", "optim.heads_learning_rate", "optim.warmup_steps", "optim.min_lr_ratio",
               "optim.clip_norm", "optim.weight_decay",
               *(f"{model}.{field}" for model in ("student", "teacher") for field in RUNTIME_FIELDS))
 ALL = "*"
 # Changes are listed in this order of their groups (what a user recognises first), then by name.
 _ORDER = ("mode", "seed", "student", "teacher", "tokenizer", "teacher_tokenizer", "data", "optim", "distill",
-          "curriculum", "router", "offline_teacher")
+          "curriculum", "router", "on_policy", "offline_teacher")
 
 
 class ResumeRefused(JaxDistillError):
@@ -74,7 +75,7 @@ def _user_groups(cfg: Config) -> dict:
   objective = cfg.objective
   tree = dataclasses.asdict(dataclasses.replace(cfg, objective=None))
   tree.update(distill=dataclasses.asdict(objective.distill), curriculum=objective.curriculum.as_group(),
-              router=dataclasses.asdict(objective.router))
+              router=dataclasses.asdict(objective.router), on_policy=dataclasses.asdict(objective.on_policy))
   tree["offline_teacher"]["top_k"] = objective.offline_top_k
   # The rest of the objective derives from the groups above, the mode, the tokenizers and the data.
   del tree["objective"], tree["optim"]["total_steps"]

@@ -20,6 +20,7 @@ from jaxdistill.objective.cross_vocab import CROSS_VOCAB_KD
 from jaxdistill.objective.curriculum import CurriculumConfig
 from jaxdistill.objective.losses import HIDDEN_DISTANCES, KD_MODES, TOPK_TAILS
 from jaxdistill.objective.offline_teacher import OfflineTeacherSpec
+from jaxdistill.objective.on_policy import SOURCES, OnPolicySpec
 from jaxdistill.objective.router import EXPERT_SOURCES, RouterConfig
 from jaxdistill.parallel import MeshSpec, check_spec
 from jaxdistill.training.monitor import MonitorConfig
@@ -294,9 +295,26 @@ def _objective(cfg, total_steps: int, mode: str, offline_top_k: int) -> Resolved
 
   # Built whole, the objective checks the curriculum and that its teacher mode serves every enabled component.
   objective = ResolvedObjective(distill=DistillSpec(**d), curriculum=_curriculum(cfg), router=r,
-                                total_steps=total_steps, teacher="records" if offline_top_k else "live",
-                                offline_top_k=offline_top_k)
+                                on_policy=_on_policy(cfg), total_steps=total_steps,
+                                teacher="records" if offline_top_k else "live", offline_top_k=offline_top_k)
   return objective.plain_lm() if mode == "lm" else objective
+
+
+def _on_policy(cfg) -> OnPolicySpec:
+  """The `on_policy` group (its lengths against the data and the models are checked in `_check_positions`)."""
+  o = OnPolicySpec(**_group(_get(cfg, "on_policy", ""), OnPolicySpec, "on_policy"))
+  _check(0 <= o.fraction <= 1, "on_policy", "fraction", o.fraction,
+         "a number in [0, 1] (the probability that a micro-batch is sampled; 0: never)")
+  _check(0 <= o.start < 1, "on_policy", "start", o.start,
+         "a number in [0, 1) (the training progress at which sampling starts)")
+  _check(o.source in SOURCES, "on_policy", "source", o.source, f"one of {', '.join(SOURCES)}")
+  for field in ("prompt_length", "completion_length"):
+    _check(getattr(o, field) >= 1, "on_policy", field, getattr(o, field), "an integer >= 1")
+  _check(o.temperature > 0, "on_policy", "temperature", o.temperature, "a number > 0")
+  _check(o.divergence in KD_MODES, "on_policy", "divergence", o.divergence, f"one of {', '.join(KD_MODES)}")
+  _check(0 <= o.jsd_beta <= 1, "on_policy", "jsd_beta", o.jsd_beta, "a number in [0, 1] (0: forward KL, 1: reverse KL)")
+  _check(o.top_k >= 0, "on_policy", "top_k", o.top_k, "an integer >= 0 (0: full vocabulary)")
+  return o
 
 
 def _curriculum(cfg) -> CurriculumConfig:
@@ -341,7 +359,7 @@ def parse(cfg: ml_collections.ConfigDict) -> Config:
   offline = _offline(cfg, mode)
   objective = _objective(cfg, optim.total_steps, mode, offline.top_k)
   data = _data(cfg)
-  _check_positions(student, teacher if mode == "distill" else None, data)
+  _check_positions(student, teacher if mode == "distill" else None, data, objective.on_policy)
   train = _train(cfg, mode)
   stages = _stages(cfg, mode, teacher)
   _check_warmup(optim, train, stages)
@@ -371,15 +389,22 @@ def _mesh(cfg) -> MeshSpec:
   return check_spec(MeshSpec(**_group(_get(cfg, "mesh", ""), MeshSpec, "mesh")))
 
 
-def _check_positions(student: ModelSpec, teacher: ModelSpec | None, data: DataConfig) -> None:
+def _check_positions(student: ModelSpec, teacher: ModelSpec | None, data: DataConfig, on_policy: OnPolicySpec) -> None:
   """A random architecture has a position for every token it reads (GPT-2's learned positions give NaN past
-  theirs); a checkpoint's limit is checked once it is loaded (`build.check_positions`)."""
+  theirs), sampled sequences included; a checkpoint's limit is checked once it is loaded (`build.check_positions`).
+  Prompts are cut from the data's rows, so they fit in one. (Evaluation's samples fit themselves.)"""
+  if on_policy.enabled:
+    _check(on_policy.prompt_length <= data.seq_len, "on_policy", "prompt_length", on_policy.prompt_length,
+           f"an integer <= data.seq_len={data.seq_len} (prompts are the first tokens of the data's rows)")
   teacher_field = "data.teacher_seq_len" if data.teacher_seq_len else "data.seq_len"
-  for where, spec, field, length in (("student", student, "data.seq_len", data.seq_len),
-                                     ("teacher", teacher, teacher_field, data.teacher_len)):
-    if spec is not None and spec.arch is not None and spec.arch["max_position_embeddings"] < length:
-      raise ConfigError(f"{where}.arch.max_position_embeddings", spec.arch["max_position_embeddings"],
-                        f"an integer >= {field}={length}, the tokens the {where} reads per sequence (or lower {field})")
+  sampled = (("on_policy.prompt_length + completion_length", on_policy.length),) if on_policy.enabled else ()
+  for where, spec, reads in (("student", student, (("data.seq_len", data.seq_len),) + sampled),
+                             ("teacher", teacher, ((teacher_field, data.teacher_len),) + sampled)):
+    for field, length in reads:
+      if spec is not None and spec.arch is not None and spec.arch["max_position_embeddings"] < length:
+        raise ConfigError(f"{where}.arch.max_position_embeddings", spec.arch["max_position_embeddings"],
+                          f"an integer >= {field}={length}, the tokens the {where} reads per sequence (or lower "
+                          f"{field})")
 
 
 def _check_warmup(optim: OptimConfig, train: TrainSpec, stages: StagesSpec) -> None:

@@ -92,7 +92,7 @@ class TermContext:
   teacher_qk: dict
   record: dict | None            # the teacher's records (obj.teacher == 'records')
   heads_out: dict | None         # DistillHeads outputs when an enabled component reads them
-  mask_BxL: jax.Array            # the student's attention mask
+  mask_BxL: jax.Array            # the tokens token means average over (a sampled batch: its completions)
   pairs_BxA: jax.Array
   at_student: Callable
   at_teacher: Callable

@@ -81,7 +81,8 @@ def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: Resolv
       teacher-student comparison is then made on aligned pairs only; with `cfg.teacher == 'records'`
       the teacher's records (`offline_teacher.RECORD_KEY`), read instead of running it. Optionally
       `inject_nonfinite` [len(COMPONENTS)], added to the raw component values (0 normally; NaN/Inf to
-      drill the guard and the run monitor).
+      drill the guard and the run monitor), and `loss_mask` [B, L] (a sampled batch: the tokens the
+      token-mean terms average over, its completions; the attention mask otherwise).
     opt_step: int32 optimizer step; drives the curriculum and the router schedules.
     cfg, student, teacher: static configs (cfg already `resolve_layers`-ed); teacher None for
       plain LM training (`cfg.teacher == 'none'`).
@@ -92,7 +93,8 @@ def objective(trainable, teacher_params, batch, opt_step: jax.Array, cfg: Resolv
   if models_out is None:
     models_out = run_models(trainable["student"], teacher_params, batch, cfg, student, teacher)
   student_out, student_qk, teacher_out, teacher_qk = models_out
-  mask_BxL = batch["student_attention_mask"]
+  # The tokens the token means average over: a sampled batch's completion tokens (on_policy.py), else every token.
+  mask_BxL = batch.get("loss_mask", batch["student_attention_mask"])
   record = None
   if cfg.teacher == "records":
     if offline_teacher.RECORD_KEY not in batch:

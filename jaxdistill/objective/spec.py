@@ -20,6 +20,7 @@ from jaxdistill.models import ModelConfig
 from jaxdistill.objective import curriculum, losses, router
 from jaxdistill.objective.component import Component
 from jaxdistill.objective.curriculum import CurriculumConfig
+from jaxdistill.objective.on_policy import OnPolicySpec
 from jaxdistill.objective.registry import ENTRIES, REGISTRY
 from jaxdistill.objective.router import RouterConfig
 
@@ -64,6 +65,7 @@ class ResolvedObjective:
   distill: DistillSpec = DistillSpec()
   curriculum: CurriculumConfig = dataclasses.field(default_factory=curriculum_config)
   router: RouterConfig = RouterConfig()
+  on_policy: OnPolicySpec = OnPolicySpec()  # sampled micro-batches (on-policy / sequence-level KD); on_policy.py
   total_steps: int = 0                      # optimizer steps of the whole run (the curriculum's 100%)
   teacher: str = "live"                     # TEACHER_MODES
   offline_top_k: int = 0                    # teacher 'records': teacher logits per token each record keeps
@@ -86,10 +88,23 @@ class ResolvedObjective:
       raise ConfigError("offline_teacher.top_k", self.offline_top_k, "0 when the teacher's tokenizer differs from "
                         "the run's (records keep the teacher's own top-k tokens; across vocabularies kd needs its "
                         "full logits)")
+    self._check_on_policy()
     for c in self.components():
       self._check_served(c)
       if c.check is not None:
         c.check(self)
+
+  def _check_on_policy(self) -> None:
+    """Sampled micro-batches need the live teacher reading the student's own tokens."""
+    if not self.on_policy.enabled:
+      return
+    why = ""
+    if self.teacher == "records":
+      why = f"with offline_teacher.top_k={self.offline_top_k} (records cannot score new samples: the teacher must run)"
+    elif self.aligned:
+      why = "when the teacher's tokenizer differs from the run's (sampled text is not re-tokenised for the teacher)"
+    if why:
+      raise ConfigError("on_policy.fraction", self.on_policy.fraction, f"0 {why}")
 
   def _unserved(self, c: Component, teacher: str, aligned: bool) -> str:
     """Why teacher mode `teacher` (across two tokenizers if `aligned`) cannot serve `c`; '' where it can."""
@@ -156,7 +171,17 @@ class ResolvedObjective:
     registry `plain_lm` weight in every phase (`lm` 1, the others 0)."""
     weights = {e.name: (e.plain_lm,) * self.curriculum.phases for e in ENTRIES}
     return dataclasses.replace(self, curriculum=self.curriculum.replace(ramp_fraction=0.0, **weights), teacher="none",
-                               offline_top_k=0, aligned=False)
+                               offline_top_k=0, aligned=False, on_policy=OnPolicySpec())
+
+  def on_samples(self) -> "ResolvedObjective":
+    """The objective of a sampled micro-batch (on_policy.py): the kd term alone, weight 1 in every phase, at
+    T = 1, computed with `on_policy.divergence` (and its beta and top-k) over the batch's `loss_mask`."""
+    op, phases = self.on_policy, self.curriculum.phases
+    weights = {e.name: (0.0,) for e in ENTRIES} | {"kd": (1.0,) * phases}
+    distill = dataclasses.replace(self.distill, kd_mode=op.divergence, jsd_beta=op.jsd_beta, kd_top_k=op.top_k,
+                                  kd_topk_tail="renormalize")
+    curriculum = self.curriculum.replace(alpha_kd=1.0, temperature=(1.0,) * phases, ramp_fraction=0.0, **weights)
+    return dataclasses.replace(self, distill=distill, curriculum=curriculum)
 
   def without_unserved(self, teacher: str = "live", aligned: bool = False) -> "ResolvedObjective":
     """This objective with the curriculum entries at 0 of every component that teacher mode `teacher` (across

@@ -160,6 +160,10 @@ def build_run(cfg: Config, plan, total_steps: int, tokenizer, teacher_tokenizer=
   if distill:
     teacher_field = "data.teacher_seq_len" if cfg.data.teacher_seq_len and seq_len is None else seq_field
     check_positions(teacher.config, cfg.data.teacher_len if seq_len is None else seq_len, teacher_field, "the teacher")
+    sampled = cfg.objective.on_policy
+    if sampled.enabled:  # prompt plus completion, read by both models
+      for model, name in ((student, "the student"), (teacher, "the teacher")):
+        check_positions(model.config, sampled.length, "on_policy.completion_length", name)
   teacher_config = teacher.config if distill else None
   check_warmup(cfg.optim, total_steps)
   optim = dataclasses.replace(cfg.optim, total_steps=total_steps)
@@ -167,11 +171,12 @@ def build_run(cfg: Config, plan, total_steps: int, tokenizer, teacher_tokenizer=
   objective = dataclasses.replace(cfg.objective, total_steps=total_steps, aligned=aligned)
   objective = objective.resolve_layers(student.config, teacher_config)
   fp16 = student.config.dtype == "float16"
-  setup = steps.StepSetup(objective, student.config, teacher_config, optim, dynamic_loss_scale=fp16)
+  setup = steps.StepSetup(objective, student.config, teacher_config, optim, dynamic_loss_scale=fp16,
+                          eos_id=-1 if tokenizer.eos_token_id is None else tokenizer.eos_token_id)
   tx, _ = make_optimizer(optim)
   heads = init_heads(objective, student.config, teacher_config, heads_key)
   state = state_lib.create_placed_train_state(plan, student.params, heads, tx,
-                                              FP16_INITIAL_LOSS_SCALE if fp16 else 1.0)
+                                              FP16_INITIAL_LOSS_SCALE if fp16 else 1.0, cfg.seed)
   if distill:
     teacher = dataclasses.replace(teacher, params=plan.put(teacher.params, plan.teacher_shardings(teacher.params)))
   shared = None

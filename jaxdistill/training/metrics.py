@@ -16,7 +16,8 @@ from jaxdistill.parallel import is_main_process
 _LABELS = ("count/label_tokens",)
 _WEIGHTS = {"raw/lm": _LABELS, "loss/lm": _LABELS, "student_lm_loss": _LABELS,
             "teacher_lm_loss": ("count/teacher_label_tokens",) + _LABELS,
-            "kl_t1": ("count/pairs", "count/tokens"), "top1_agreement": ("count/pairs", "count/tokens")}
+            "kl_t1": ("count/pairs", "count/tokens"), "top1_agreement": ("count/pairs", "count/tokens"),
+            "samples/teacher_nll": ("count/sample_tokens",), "samples/reverse_kl": ("count/sample_tokens",)}
 _NOT_AVERAGED = ("opt_step", "student_ppl", "teacher_ppl")
 
 
@@ -96,8 +97,12 @@ def eval_block(step: int, metrics: dict) -> str:
                + (f" ({own:.2f} per student token)" if own is not None else "") +
                f"  KL(T=1)={metrics['kl_t1']:.4f}  "
                f"top-1 agreement={metrics['top1_agreement']:.3f}")
+  samples = ""
+  if "samples/teacher_nll" in metrics:
+    samples = (f"\n  student samples: teacher NLL={metrics['samples/teacher_nll']:.4f}  "
+               f"reverse KL={metrics['samples/reverse_kl']:.4f}  over {metrics['count/sample_tokens']:.0f} tokens")
   return (f"[EVAL] step {step}: loss={metrics['loss']:.4f}  student ppl={metrics['student_ppl']:.2f} "
-          f"(lm {metrics['student_lm_loss']:.4f}){teacher}  over {metrics['count/tokens']:.0f} tokens")
+          f"(lm {metrics['student_lm_loss']:.4f}){teacher}  over {metrics['count/tokens']:.0f} tokens{samples}")
 
 
 def _plain(value):

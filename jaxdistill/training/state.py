@@ -23,6 +23,8 @@ class TrainState:
   loss_scale: jax.Array      # float32; stays 1 unless fp16 dynamic loss scaling is on
   loss_scale_good_steps: jax.Array  # int32 finite steps since the scale last changed
   skipped_streak: jax.Array  # int32 micro-batches in a row whose gradients were non-finite (update skipped)
+  sample_key: jax.Array      # uint32 key data: split every micro-batch; draws the sampled micro-batches
+                             # (objective/on_policy.py), so a resumed run samples what the uninterrupted one did
 
   @property
   def opt_step(self) -> jax.Array:
@@ -37,25 +39,34 @@ class TrainState:
     return jmp.DynamicLossScale(self.loss_scale, self.loss_scale_good_steps)
 
 
-def create_train_state(student_params, heads_params, tx: optim.Optimizer,
-                       initial_loss_scale: float = 1.0) -> TrainState:
-  """A fresh state at step 0; `initial_loss_scale` > 1 for fp16 (the step is deterministic: no key is kept)."""
+_SAMPLER_STREAM = 0x5A4D  # folded into the seed's key: the sampler's stream
+
+
+def sample_key(seed: int) -> jax.Array:
+  """The sampler's first key for `seed` (its own stream: the models' initialisation keys are unchanged)."""
+  return jax.random.key_data(jax.random.fold_in(jax.random.key(seed), _SAMPLER_STREAM))
+
+
+def create_train_state(student_params, heads_params, tx: optim.Optimizer, initial_loss_scale: float = 1.0,
+                       seed: int = 0) -> TrainState:
+  """A fresh state at step 0; `initial_loss_scale` > 1 for fp16; `seed` gives the sampler's key."""
   params = {"student": student_params, "heads": heads_params}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     nonfinite={k: jnp.zeros((), jnp.int32) for k in NONFINITE_COUNTERS},
                     loss_scale=jnp.asarray(initial_loss_scale, jnp.float32),
-                    loss_scale_good_steps=jnp.zeros((), jnp.int32), skipped_streak=jnp.zeros((), jnp.int32))
+                    loss_scale_good_steps=jnp.zeros((), jnp.int32), skipped_streak=jnp.zeros((), jnp.int32),
+                    sample_key=sample_key(seed))
 
 
 def create_placed_train_state(plan, student_params, heads_params, tx: optim.Optimizer,
-                              initial_loss_scale: float = 1.0) -> TrainState:
+                              initial_loss_scale: float = 1.0, seed: int = 0) -> TrainState:
   """`create_train_state` directly in the shardings of `plan` (a `parallel.MeshPlan`).
 
   The student's params go to their shards first and the optimizer state is created in its own, so no
   device ever holds all of a sharded state.
   """
   def create(student_params, heads_params):
-    return create_train_state(student_params, heads_params, tx, initial_loss_scale)
+    return create_train_state(student_params, heads_params, tx, initial_loss_scale, seed)
 
   shardings = plan.state_shardings(jax.eval_shape(create, student_params, heads_params))
   student_params = plan.put(student_params, shardings.params["student"])

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import jmp
 import optax
 
-from jaxdistill.models import ModelConfig
-from jaxdistill.objective import (COMPONENTS, ResolvedObjective, cross_vocab, losses, objective, offline_teacher,
-                                  run_models)
+from jaxdistill.models import ModelConfig, forward
+from jaxdistill.objective import (COMPONENTS, ResolvedObjective, cross_vocab, curriculum, losses, objective,
+                                  offline_teacher, on_policy, run_models)
 from jaxdistill.parallel import MeshPlan
 from jaxdistill.training.optim import OptimConfig, make_optimizer
 from jaxdistill.training.state import TrainState
@@ -30,10 +30,14 @@ class StepSetup:
   teacher: ModelConfig | None  # None: plain LM training (only the `lm` term, no teacher forward)
   optim: OptimConfig
   dynamic_loss_scale: bool = False  # fp16 compute: scale the loss, skip and shrink on overflow
+  eos_id: int = -1                  # the tokenizer's end of sequence: a sampled completion stops there (-1: none)
 
 
 def train_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup: StepSetup):
   """One micro-batch: gradients of the guarded objective, accumulated; an update every k calls.
+
+  With `on_policy.fraction` > 0 the micro-batch may first be replaced by sequences sampled from it
+  (`_sampled_or_not`); the state's `sample_key` advances every call either way.
 
   Non-finite gradients (after unscaling) leave params and optimizer state untouched and count in
   `nonfinite['grads']`; with fp16 the dynamic loss scale shrinks on them and grows after a run of
@@ -42,20 +46,25 @@ def train_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setu
   tx, lr_fn = make_optimizer(setup.optim)
   opt_step = state.opt_step
   scaler = state.loss_scaler(setup.dynamic_loss_scale)
+  sample_key, step_key = jax.random.split(state.sample_key)
 
-  def loss_fn(trainable):
-    total, metrics = objective(trainable, teacher_params, batch, opt_step, setup.objective, setup.student,
-                               setup.teacher, vocab_map=vocab_map)
-    return scaler.scale(total), metrics
+  def gradients(objective_batch, obj: ResolvedObjective):
+    def loss_fn(trainable):
+      total, metrics = objective(trainable, teacher_params, objective_batch, opt_step, obj, setup.student,
+                                 setup.teacher, vocab_map=vocab_map)
+      return scaler.scale(total), metrics
 
-  grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    return jax.grad(loss_fn, has_aux=True)(state.params)
+
+  grads, metrics, sampled = _sampled_or_not(state, batch, teacher_params, step_key, gradients, setup)
+  metrics["sampled"] = sampled.astype(jnp.float32)
   grads = scaler.unscale(grads)
   finite = jmp.all_finite(grads)
   params, opt_state = tx.apply(grads, state.params, state.opt_state, finite)
   nonfinite = {c: state.nonfinite[c] + metrics[f"nonfinite/{c}"].astype(jnp.int32) for c in COMPONENTS}
   nonfinite["grads"] = state.nonfinite["grads"] + (~finite).astype(jnp.int32)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, nonfinite=nonfinite,
-                            skipped_streak=jnp.where(finite, 0, state.skipped_streak + 1))
+                            skipped_streak=jnp.where(finite, 0, state.skipped_streak + 1), sample_key=sample_key)
   if setup.dynamic_loss_scale:
     adjusted = scaler.adjust(finite)
     new_state = new_state.replace(loss_scale=adjusted.loss_scale, loss_scale_good_steps=adjusted.counter)
@@ -64,6 +73,32 @@ def train_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setu
       "skipped": (~finite).astype(jnp.float32), "loss_scale": state.loss_scale,
       **{f"count/nonfinite/{k}": v for k, v in nonfinite.items()}})
   return new_state, metrics
+
+
+def _sampled_or_not(state: TrainState, batch, teacher_params, key, gradients, setup: StepSetup):
+  """(grads, metrics, whether the micro-batch was sampled): `gradients(batch, objective)` of the data
+  micro-batch, or with probability `on_policy.fraction` (from progress `on_policy.start` on) of sequences
+  sampled from it (on_policy.py).
+
+  A mixed fraction draws the choice from `key` and runs one branch of a `lax.cond`: a step pays for the
+  sampler only when it samples.
+  """
+  obj = setup.objective
+  spec = obj.on_policy
+  if not spec.enabled:
+    return (*gradients(batch, obj), jnp.zeros((), bool))
+  coin_key, sample_key = jax.random.split(key)
+
+  def on_samples(_):
+    writer, cfg = ((state.params["student"], setup.student) if spec.source == "student"
+                   else (teacher_params, setup.teacher))
+    samples = on_policy.sample_batch(writer, cfg, batch, sample_key, spec, setup.eos_id)
+    return gradients(samples, obj.on_samples())
+
+  if spec.always:
+    return (*on_samples(None), jnp.ones((), bool))
+  sampled = jax.random.bernoulli(coin_key, spec.probability(curriculum.progress(state.opt_step, obj.total_steps)))
+  return (*jax.lax.cond(sampled, on_samples, lambda _: gradients(batch, obj), None), sampled)
 
 
 def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup: StepSetup):
@@ -75,7 +110,9 @@ def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup
   teacher); with two tokenizers KL is the cross-vocabulary kd at T = 1 and agreement compares tokens by
   their bytes, both over aligned pairs (each model's LM loss stays per its own tokens). `count/tokens` (KD tokens),
   `count/label_tokens` (LM targets), `count/teacher_label_tokens` and, with two tokenizers, `count/pairs`
-  let the caller form token-weighted means over a whole split (`metrics.EvalReducer`).
+  let the caller form token-weighted means over a whole split (`metrics.EvalReducer`). With
+  `on_policy.eval_samples` (one tokenizer) the student also continues each row's prompt with a fixed key:
+  `samples/teacher_nll` and `samples/reverse_kl` over `count/sample_tokens` (`on_policy.sample_metrics`).
   """
   cfg, student, teacher = setup.objective, setup.student, setup.teacher
   models_out = run_models(state.params["student"], teacher_params, batch, cfg, student, teacher,
@@ -106,6 +143,10 @@ def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup
                               chunk_size=chunk_size)
   metrics.update({"teacher_lm_loss": teacher_lm, "teacher_ppl": jnp.exp(teacher_lm),
                   "count/teacher_label_tokens": jnp.sum(teacher_label_mask_BxL.astype(jnp.float32))})
+  sampled = cfg.on_policy.fitted(batch["student_input_ids"].shape[1],
+                                 min(student.max_position_embeddings, teacher.max_position_embeddings))
+  if cfg.on_policy.eval_samples and sampled is not None and not cfg.aligned:
+    metrics.update(_sample_metrics(state.params["student"], teacher_params, batch, sampled, setup))
   if cfg.aligned:
     metrics["count/pairs"] = jnp.sum(batch["align_mask"].astype(jnp.float32))
     at_s = cross_vocab.gather_positions(student_out.logits_BxLxV, batch["align_student"])
@@ -124,6 +165,18 @@ def eval_step(state: TrainState, batch, teacher_params, vocab_map=None, *, setup
       "top1_agreement": jnp.sum(agree_BxL * mask) / jnp.maximum(jnp.sum(mask), 1.0),
   })
   return metrics
+
+
+def _sample_metrics(student_params, teacher_params, batch, spec: on_policy.OnPolicySpec, setup: StepSetup) -> dict:
+  """The teacher's NLL of completions the student samples for the batch's prompts, and the reverse KL on
+  them (`on_policy.sample_metrics`), with the fixed key `on_policy.EVAL_SEED`."""
+  samples = on_policy.sample_batch(student_params, setup.student, batch, jax.random.key(on_policy.EVAL_SEED), spec,
+                                   setup.eos_id)
+  ids_BxT, mask_BxT = samples["student_input_ids"], samples["student_attention_mask"]
+  student_logits = forward(student_params, setup.student, ids_BxT, mask_BxT, right_padded=True).logits_BxLxV
+  teacher_logits = forward(teacher_params, setup.teacher, ids_BxT, mask_BxT, right_padded=True).logits_BxLxV
+  return on_policy.sample_metrics(student_logits, teacher_logits, samples,
+                                  min(setup.student.vocab_size, setup.teacher.vocab_size))
 
 
 def jit_train_step(plan: MeshPlan | None = None, state=None, donate: bool = True):

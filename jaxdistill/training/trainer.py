@@ -104,6 +104,13 @@ def _summary(cfg, teacher, student, state, data, setup: StepSetup, total_steps: 
     models = [f"  teacher : {_model_line(teacher, teacher.params)}",
               f"  student : {_model_line(student, state.params['student'])}{loss_scaling}"]
     objective = ["  curriculum:", *_curriculum_rows(setup.objective.curriculum)]
+    sampled = setup.objective.on_policy
+    if sampled.enabled:
+      divergence = sampled.divergence + (f" (beta {sampled.jsd_beta:g})" if sampled.divergence == "jsd" else "")
+      start = f" from {sampled.start:.0%} of training" if sampled.start else ""
+      objective.append(f"  sampled : {sampled.fraction:.0%} of micro-batches{start}: {sampled.prompt_length} tokens "
+                       f"of a row + {sampled.completion_length} sampled from the {sampled.source} at temperature "
+                       f"{sampled.temperature:g}; loss {divergence} at T=1 on the sampled tokens")
     if offline is not None:
       store = offline.store
       objective.append(f"  offline teacher: top-{setup.objective.offline_top_k} logits, "
