@@ -118,8 +118,7 @@ def sample_metrics(student_logits_BxTxV: jax.Array, teacher_logits_BxTxV: jax.Ar
   an evaluation by `count/sample_tokens`. The KL compares the first `vocab` ids (those both models have).
   """
   mask_BxT = samples["loss_mask"]
-  labels_BxT = jnp.concatenate([samples["student_input_ids"][:, 1:],
-                                jnp.zeros_like(samples["student_input_ids"][:, :1])], axis=1)
+  labels_BxT, _ = losses.next_token_labels(samples["student_input_ids"], samples["student_attention_mask"])
   teacher_nll = losses.lm_loss(teacher_logits_BxTxV, labels_BxT, mask_BxT)
   reverse_kl = losses.kd_loss(student_logits_BxTxV[..., :vocab], teacher_logits_BxTxV[..., :vocab], mask_BxT,
                               temperature=1.0, mode="reverse_kl")
