@@ -16,7 +16,7 @@ batches of `batch_size x seq_len` (the config's unless swept), timed after one w
             12 L n_s d_s; N counts the matmul parameters (the input embedding table out, the LM head in,
             MoE experts at k of E), L the sequence, n the layers, d the query width (heads x head_dim).
 `--reference` runs the same step through `bench/torch_reference.py` (transformers in eager mode, the
-way the system we replace did) on the same models, heads and batches, and prints both and the ratio.
+way a PyTorch eager trainer does) on the same models, heads and batches, and prints both and the ratio.
 `--offline` times the offline teacher (`offline_teacher.py`): a step that records the teacher (epoch 1)
 and one that reads the records back (later epochs), beside the live step, with attention and router
 losses off (records cannot serve them), and the records' disk bytes per token.
@@ -37,6 +37,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxdistill import config as config_lib  # noqa: E402
+from jaxdistill import inputs  # noqa: E402
 from jaxdistill import parallel  # noqa: E402
 from jaxdistill.models import ModelConfig, param_shapes, save_pretrained  # noqa: E402
 from jaxdistill.objective import offline_teacher  # noqa: E402
@@ -269,6 +270,7 @@ def main(argv) -> None:
   del argv
   args = flags.FLAGS
   cfg = config_lib.parse(config_lib.loaded_config(flags.FlagHolder(args, args["config"])))
+  inputs.check_inputs(cfg)  # every missing model, tokenizer or data source in one error, before any load
   seq_lens = [int(v) for v in args.seq_lens] or [cfg.data.seq_len]
   batch_sizes = [int(v) for v in args.batch_sizes] or [cfg.data.batch_size]
   device = jax.devices()[0]

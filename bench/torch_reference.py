@@ -1,4 +1,4 @@
-"""The PyTorch reference of jaxdistill's distillation step: the way the system we replace did it.
+"""The PyTorch reference of jaxdistill's distillation step: the way a PyTorch eager trainer does it.
 
     python -m bench.torch_reference --teacher DIR --student DIR [--batch_size 2 --seq_len 64
         --accumulation 2 --dtype bfloat16 --device cuda --repeats 5]

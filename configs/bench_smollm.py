@@ -5,7 +5,7 @@ Command (a GPU; on a CPU it runs, slowly):
 The teacher has SmolLM-360M's shape (Llama, 960 wide, 32 blocks, 15 heads / 5 KV heads, MLP 2560)
 and the student SmolLM-135M's (576 wide, 30 blocks, 9 / 3 heads, MLP 1536), both with the 49,152-token
 vocabulary and tied embeddings, random weights: speed and memory do not depend on the weights, and
-the benchmark feeds random token ids. The seed run's full curriculum (kd, lm, attention, router,
+the benchmark feeds random token ids. The original full curriculum (kd, lm, attention, router,
 layerwise, contrastive; `config.seed_recipe`) is compiled in, as in a real run of it. The student
 recomputes each block in the backward pass (`remat='full'`); attention is cuDNN flash attention on
 sm_80+ GPUs, blockwise elsewhere.

@@ -15,17 +15,16 @@ It ends with a table of held-out perplexity (WORKDIR/comparison.md) and the trai
 (WORKDIR/curves.png), and evaluation also samples 100 tokens after 16-token prompts from the student
 and reports the teacher's NLL of them. On 2 CPU cores: about 10 min with the teacher to train (6 min
 of it the teacher), 3 min 41 s with it cached; held-out perplexity teacher 4.29, scratch 6.28,
-distilled 5.54: 37.4% of the gap (README "The demo"). `:smoke` runs the same three stages on tiny
-models in about a minute, through the seed run's whole curriculum (at T = 1), so that every loss
-component runs end to end. On-policy distillation is an override away (README "On-policy
-distillation"; this random-init student wants an off-policy warm-up first):
+distilled 5.54: 37.4% of the gap (docs/demo.md). `:smoke` runs the same three stages on tiny
+models in about a minute, through the original curriculum (at T = 1), so that every loss
+component runs end to end. On-policy distillation is an override away (docs/on_policy.md;
+this random-init student wants an off-policy warm-up first):
     --config.on_policy.fraction=0.5 --config.on_policy.start=0.3
 `:cross` (and `:cross_smoke`) is the same demo across two tokenizers with a mixture-of-experts
-teacher, the seed run's kind of pairing (`across_tokenizers` below).
+teacher, the original P100 run's kind of pairing (`across_tokenizers` below).
 """
 
 from jaxdistill import config as config_lib
-
 
 ARGS = ("smoke", "cross", "cross_smoke")
 
@@ -35,7 +34,7 @@ def get_config(arg=None):
     raise ValueError(f"unknown config argument {arg!r}; allowed: {', '.join(ARGS)}")
   smoke = arg in ("smoke", "cross_smoke")
   cfg = config_lib.base_config()               # the recommended recipe: kd 0.7 + lm 0.3 at T = 1, no auxiliaries
-  if smoke:  # the seed run's whole curriculum at T = 1: every component runs end to end in the test suite
+  if smoke:  # the original curriculum at T = 1: every component runs end to end in the test suite
     config_lib.seed_recipe(cfg)
     cfg.curriculum.temperature = (1.0, 1.0, 1.0)
   cfg.tokenizer = "byte"                       # built-in UTF-8 byte tokenizer: 257 tokens, nothing to download
@@ -77,7 +76,7 @@ def get_config(arg=None):
 
 
 def across_tokenizers(cfg, smoke: bool) -> None:
-  """`:cross`: the seed run's kind of pairing, offline: a Qwen3-MoE teacher reading its own tokens.
+  """`:cross`: the original P100 run's kind of pairing, offline: a Qwen3-MoE teacher reading its own tokens.
 
   The teacher is a 4-expert top-2 Qwen3-MoE (the same active width as the dense demo teacher) trained
   in a SentencePiece-style BPE ('sp:600'); the student reads a byte-level BPE ('bpe:400'), both trained
@@ -86,7 +85,7 @@ def across_tokenizers(cfg, smoke: bool) -> None:
   `config.seed_recipe`; here it cost more than it gave). The comparison table gives the teacher's loss
   per student token, so all three perplexities are over the same units. On 2 CPU cores: 8 min 40 s
   with the teacher to train, 2 min 32 s with it cached; held-out perplexity teacher 10.06, scratch
-  16.84, distilled 15.03: 26.7% of the gap (README "Two tokenizers and MoE teachers").
+  16.84, distilled 15.03: 26.7% of the gap (docs/two_tokenizers.md).
   """
   cfg.tokenizer = "bpe:400"
   cfg.teacher_tokenizer = "sp:600"

@@ -1,19 +1,19 @@
-"""The seed run's pairing: a ~1B Qwen3-MoE teacher -> SmolLM-135M on one 16 GB P100, two tokenizers.
+"""The original P100 pairing: a ~1B Qwen3-MoE teacher -> SmolLM-135M on one 16 GB P100, two tokenizers.
 
 Command:
     python -m jaxdistill.train --config configs/p100.py --workdir runs/p100 \
         --config.teacher.name_or_path=DIR_OR_HUB_ID_OF_THE_MOE_TEACHER
-The run this project replaces distilled a ~1B mixture-of-experts teacher (Qwen3-MoE architecture,
-Qwen's tokenizer) into SmolLM-135M (SmolLM's tokenizer). That teacher was the seed run's own
-checkpoint, not a hub release: `TEACHER` below is where this config expects it; point
+The original P100 run distilled a ~1B mixture-of-experts teacher (Qwen3-MoE architecture,
+Qwen's tokenizer) into SmolLM-135M (SmolLM's tokenizer). That teacher was a private checkpoint,
+not a hub release: `TEACHER` below is where this config expects it; point
 `teacher.name_or_path` at yours (any `qwen3_moe` or `mixtral` checkpoint that fits next to the
 student, or a dense one). Each model reads the text in its own tokens: the data pipeline aligns
 them on the character boundaries both share, kd compares the two vocabularies on those positions
-(exact KL over the tokens with the same bytes, ULD over the rest; README "Two tokenizers"), and
+(exact KL over the tokens with the same bytes, ULD over the rest; docs/two_tokenizers.md), and
 the router mixes the teacher's real experts from its last sparse block.
 Hardware: one P100 (16 GB, compute capability 6.0, no bf16): fp32 master weights with fp16 compute
 and dynamic loss scaling for the student, an fp16 teacher. Micro-batch 4 x 512 student tokens (up to
-576 teacher tokens for the same text), 16 micro-batches per optimizer step (the seed run's).
+576 teacher tokens for the same text), 16 micro-batches per optimizer step (the original P100 run's).
 Same-tokenizer pair (SmolLM-360M -> SmolLM-135M): configs/p100_same_tokenizer.py.
 `:smoke` swaps in a tiny random Qwen3-MoE teacher and a tiny Llama student with two tokenizers
 trained locally on the built-in corpus ('sp:600' SentencePiece-style for the teacher, 'bpe:400'
@@ -22,13 +22,13 @@ byte-level BPE for the student), and runs offline on CPU in seconds.
 
 from jaxdistill import config as config_lib
 
-TEACHER = "checkpoints/qwen3-moe-1b"  # the seed run's MoE teacher: a local copy (or a hub id) of your own
+TEACHER = "./checkpoints/qwen3-moe-1b"  # the original P100 run's MoE teacher: a local directory (./: never a hub id)
 
 
 def get_config(arg=None):
   if arg not in (None, "", "smoke"):
     raise ValueError(f"unknown config argument {arg!r}; allowed: smoke")
-  cfg = config_lib.seed_recipe(config_lib.base_config())  # the seed run's curriculum, reproduced
+  cfg = config_lib.seed_recipe(config_lib.base_config())  # the original curriculum, reproduced
   cfg.tokenizer = ""                           # '': the student's own (SmolLM's)
   cfg.teacher_tokenizer = ""                   # '': the teacher checkpoint's own (Qwen's)
   cfg.teacher = config_lib.model_group(TEACHER, param_dtype="float16", dtype="float16")
@@ -42,7 +42,7 @@ def get_config(arg=None):
   cfg.data.teacher_seq_len = 576               # teacher tokens for the same text (rows end at a shared boundary)
   cfg.data.batch_size = 4                      # sequences per micro-batch
   cfg.data.max_eval_batches = 200
-  cfg.optim.accumulation_steps = 16            # micro-batches per optimizer step (seed run)
+  cfg.optim.accumulation_steps = 16            # micro-batches per optimizer step (the original P100 run)
   cfg.optim.learning_rate = 5e-5
   cfg.optim.warmup_steps = 500
   cfg.train.epochs = 3

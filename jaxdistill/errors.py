@@ -1,4 +1,5 @@
-"""User-facing errors: each one is printed as a single line by the entry points."""
+"""User-facing errors: each one is printed as a single line by the entry points (`MissingInputsError`: a line
+per missing input)."""
 
 
 def first_line(e: BaseException) -> str:
@@ -21,6 +22,21 @@ class ConfigError(JaxDistillError):
 
 class ModelLoadError(JaxDistillError):
   """A checkpoint could not be found, read or converted."""
+
+
+class MissingInputsError(JaxDistillError):
+  """Inputs a config names (models, tokenizers, data) that are not there: every one, each on its own line.
+
+  `problems` are lines '<config field>: <what is wrong with its value>; <what to do>'. One problem is the
+  whole message; several follow a line that counts them.
+  """
+
+  def __init__(self, problems: list[str]):
+    self.problems = list(problems)
+    lines = self.problems if len(self.problems) == 1 else (
+        [f"{len(self.problems)} inputs of this config are missing (nothing was loaded):"] +
+        [f"  {p}" for p in self.problems])
+    super().__init__("\n".join(lines))
 
 
 class CommandLineError(JaxDistillError):

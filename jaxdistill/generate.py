@@ -154,6 +154,11 @@ def main(argv) -> None:
     print(completion.text, flush=True)
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+  """`jaxdistill-generate`, the console script pip installs: the same as `python -m jaxdistill.generate`."""
   _define_flags()
   cli.run(main)
+
+
+if __name__ == "__main__":
+  console_main()

@@ -63,6 +63,11 @@ def main(argv) -> None:
   stages.run(cfg, workdir, resume)
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+  """`jaxdistill-train`, the console script pip installs: the same as `python -m jaxdistill.train`."""
   sys.argv = _with_bare_resume(sys.argv)
   cli.run(main)
+
+
+if __name__ == "__main__":
+  console_main()

@@ -32,7 +32,7 @@ def test_every_config_loads_locked_and_validates(path, arg):
 
 
 @pytest.mark.parametrize("path, teacher, teacher_seq_len", [
-    ("configs/p100.py", "checkpoints/qwen3-moe-1b", 576),                  # the seed pairing: two tokenizers
+    ("configs/p100.py", "./checkpoints/qwen3-moe-1b", 576),                  # the seed pairing: two tokenizers
     ("configs/p100_same_tokenizer.py", "HuggingFaceTB/SmolLM-360M", 0),    # one shared tokenizer
 ])
 def test_p100_configs_pair_a_teacher_with_smollm_135m_without_bf16(path, teacher, teacher_seq_len):
@@ -146,6 +146,8 @@ def test_every_config_argument_parses_with_its_warmup_inside_its_steps(config):
     ("mode", "pretrain", r"'mode' = 'pretrain' is not allowed: one of distill, lm$"),
     ("stages.teacher_steps", -1, r"'stages.teacher_steps' = -1 .* an integer >= 0 \(0: no teacher training\)"),
     ("stages.teacher_learning_rate", -1.0, r"'stages.teacher_learning_rate' = -1.0 .* a number >= 0"),
+    ("log.print_every_steps", 0, r"'log.print_every_steps' = 0 is not allowed: an integer >= 1$"),
+    ("log.print_every_steps", 2.5, r"'log.print_every_steps' = 2.5 .* cannot be casted to type <class 'int'>"),
 ])
 def test_bad_values_name_field_value_and_allowed(field, value, message):
   with pytest.raises(ConfigError, match=message):
@@ -333,6 +335,12 @@ def test_hf_config_round_trip(name):
   cfg = models.from_hf_config(hf)
   assert models.from_hf_config(models.to_hf_config(cfg)) == cfg
   assert models.from_hf_config(models.to_hf_config(cfg, base=hf)) == cfg
+
+
+def test_log_prints_a_train_line_every_50_steps_unless_told():
+  assert config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke")).log.print_every_steps == 50
+  told = config_lib.parse(config_lib.load("configs/cpu_demo.py:smoke", {"log.print_every_steps": 7}))
+  assert told.log.print_every_steps == 7
 
 
 def test_training_groups_become_typed_configs():

@@ -516,3 +516,17 @@ def test_cache_key_follows_the_encoding_fields(tmp_path, tok):
                  seed=0, cache_dir=cache)
     assert counting.calls == (2 if rebuilt else 0), (encoding, errors)
   assert len(os.listdir(cache)) == 3
+
+
+def test_tokenizing_into_a_log_file_writes_one_line_and_no_carriage_return(capsys):
+  """Tokenizing progress: a bar on a terminal only; in a log file one line at the end (or nothing for few)."""
+  from jaxdistill.data.pipeline import _PROGRESS_MIN_DOCUMENTS
+
+  texts = [f"doc{i:04d}" for i in range(_PROGRESS_MIN_DOCUMENTS)]  # just enough to show progress
+  tokens_T = tokenize_documents(texts, byte_tokenizer(), 256, "tokenizing train")  # stderr: not a tty
+  assert len(tokens_T) == 8 * len(texts) and np.count_nonzero(tokens_T == 256) == len(texts)
+  _, err = capsys.readouterr()
+  assert "\r" not in err and len(err.splitlines()) == 1
+  assert err.startswith("tokenizing train: 1,000 documents in ") and err.endswith(" s\n")
+  tokenize_documents(texts[:-1], byte_tokenizer(), 256)  # fewer: nothing at all
+  assert capsys.readouterr().err == ""

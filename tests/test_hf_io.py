@@ -37,6 +37,11 @@ def test_export_round_trip_loads_in_transformers(hf_checkpoints, tmp_path, name)
   params = models.init_params(cfg, jax.random.key(7))
   out_dir = models.save_pretrained(params, cfg, str(tmp_path / "export"))
   assert sorted(os.listdir(out_dir)) == ["config.json", "model.safetensors"]
+  umask = os.umask(0)
+  os.umask(umask)
+  # Readable by others, as save_pretrained's files are: 0644 under the usual umask 022.
+  assert {f: os.stat(os.path.join(out_dir, f)).st_mode & 0o777 for f in os.listdir(out_dir)} == {
+      "config.json": 0o666 & ~umask, "model.safetensors": 0o666 & ~umask}
 
   ids_BxL, mask_BxL = padded_batch("left")
   ours = np.asarray(models.forward(params, cfg, ids_BxL, mask_BxL).logits_BxLxV)

@@ -1,4 +1,4 @@
-"""The package's shape: no import cycle, light modules stay light, the README's layout is the tree."""
+"""The package's shape: no import cycle, light modules stay light, docs/design.md's layout is the tree."""
 
 import ast
 import os
@@ -98,19 +98,19 @@ def test_light_modules_do_not_import_heavy_ones():
 
 
 def _readme_layout() -> str:
-  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+  with open(os.path.join(ROOT, "docs", "design.md"), encoding="utf-8") as f:
     text = f.read()
   section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
   return section.split("```", 2)[1]
 
 
-# Folders of plug-ins, one module per model family or loss component: the README names the folder, and
+# Folders of plug-ins, one module per model family or loss component: docs/design.md names the folder, and
 # their registries (tests/test_families.py, objective/registry.py) account for every module in them.
 PLUGIN_FOLDERS = ("families", "components")
 
 
 def test_readme_layout_names_every_module_and_folder():
-  """Every module of the package, and no module that is not there, is named in the README's layout."""
+  """Every module of the package, and no module that is not there, is named in docs/design.md's layout."""
   package_part = _readme_layout().split("\nconfigs/")[0]  # the jaxdistill/ entries, before configs/ and bench/
   named = set(re.findall(r"\b[a-z_0-9]+\.py\b|\b[a-z_0-9]+/(?=[\s)])", package_part))
   tree, required = set(), set()
@@ -121,5 +121,5 @@ def test_readme_layout_names_every_module_and_folder():
     required |= {d + "/" for d in dirs} | (set() if os.path.basename(folder) in PLUGIN_FOLDERS else modules)
   missing = sorted(required - named)
   stale = sorted(n for n in named - tree if n != "jaxdistill/")
-  assert not missing, f"README layout does not name: {missing}"
-  assert not stale, f"README layout names what is not in the package: {stale}"
+  assert not missing, f"docs/design.md layout does not name: {missing}"
+  assert not stale, f"docs/design.md layout names what is not in the package: {stale}"

@@ -1,5 +1,6 @@
 """The curves plot: reading metrics.jsonl, the curriculum phase changes, the PNG and the CLI."""
 
+import contextlib
 import json
 import math
 import os
@@ -11,7 +12,7 @@ import matplotlib.image
 import pytest
 
 from jaxdistill.errors import CommandLineError, JaxDistillError
-from jaxdistill.plot import (DPI, FIGSIZE, PANEL_TITLES, components, load_curves, main, phase_changes,
+from jaxdistill.plot import (DPI, FIGSIZE, PANEL_TITLES, components, draw_curves, load_curves, main, phase_changes,
                              plotted_components, write_plot)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,22 +106,169 @@ def test_a_ramp_counts_once_at_its_first_step():
   assert phase_changes(records) == [3, 8]
 
 
-def test_write_plot_draws_four_panels_into_a_png_of_the_figure_size(workdir):
-  png_path, titles = write_plot(str(workdir))
-  assert png_path == os.path.join(str(workdir), "curves.png")
-  assert titles == list(PANEL_TITLES) == ["Loss components (weighted)", "Curriculum weights", "Learning rate",
-                                          "Train vs eval loss"]
+def test_write_plot_draws_six_panels_into_a_png_of_the_figure_size(workdir, tmp_path):
+  # Into --out's path here (the CLI test below writes the default WORKDIR/curves.png): one drawing fewer.
+  out = tmp_path / "elsewhere" / "plot.png"
+  png_path, titles = write_plot(str(workdir), str(out))
+  assert png_path == str(out)
+  assert titles == list(PANEL_TITLES) == [
+      "Training objective (weighted components)", "Curriculum: weights and KD temperature", "Learning rate",
+      "Held-out LM loss: student vs teacher", "Student's samples scored by the teacher",
+      "Student–teacher divergence (eval)"]
   with open(png_path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert os.path.getsize(png_path) > 20_000
   pixels_HxWxC = matplotlib.image.imread(png_path)
-  assert pixels_HxWxC.shape[:2] == (round(FIGSIZE[1] * DPI), round(FIGSIZE[0] * DPI)) == (935, 1430)
+  assert pixels_HxWxC.shape[:2] == (round(FIGSIZE[1] * DPI), round(FIGSIZE[0] * DPI)) == (1210, 1980)
 
 
-def test_write_plot_honours_out_path(workdir, tmp_path):
-  out = tmp_path / "elsewhere" / "plot.png"
-  assert write_plot(str(workdir), str(out))[0] == str(out)
-  assert out.stat().st_size > 20_000
+# ---------------------------------------------------------------------------------------------
+# What each panel draws, from records made here (no file): `draw_curves` tags each line with its
+# gid "<source>:<metric>".
+
+def _curves(train_records: list[dict], eval_records: list[dict]) -> dict[str, list[dict]]:
+  return {"train": train_records, "eval": eval_records}
+
+
+def _with_samples(record: dict, teacher_nll: float) -> dict:
+  return record | {"samples/teacher_nll": teacher_nll, "samples/reverse_kl": teacher_nll / 10}
+
+
+@contextlib.contextmanager
+def _figure(curves, scratch_curves=None):
+  """The figure `draw_curves` draws of the curves, closed on leaving."""
+  fig = draw_curves(curves, scratch_curves, "demo")
+  try:
+    yield fig
+  finally:
+    import matplotlib.pyplot as plt  # on the Agg backend that draw_curves chose
+
+    plt.close(fig)
+
+
+@pytest.fixture(scope="module")
+def drawn():
+  """The six panels of 30 train steps and 3 evaluations with student samples, beside a scratch run; drawn once."""
+  evals = [_with_samples(_eval_record(s, lm), nll) for s, lm, nll in ((10, 3.0, 4.0), (20, 2.5, 3.5), (30, 2.0, 3.0))]
+  with _figure(_curves([_train_record(s) for s in range(1, 31)], evals),
+               _curves([], [_eval_record(s, 4.0) for s in (10, 20, 30)])) as fig:
+    fig.draw_without_rendering()  # runs the constrained layout: the legends' final places
+    yield fig
+
+
+def _panels(fig) -> dict:
+  """Panel title -> (the panel's axes, its twin axes if any)."""
+  panels = fig.axes[:len(PANEL_TITLES)]
+  return {ax.get_title(): (ax, [twin for twin in fig.axes[len(PANEL_TITLES):]
+                                if twin.get_position().bounds == ax.get_position().bounds]) for ax in panels}
+
+
+def _gids(axes) -> set[str]:
+  return {line.get_gid() for ax in axes for line in ax.lines if line.get_gid() is not None}
+
+
+def _legend_labels(ax) -> list[str]:
+  return [text.get_text() for text in ax.get_legend().get_texts()]
+
+
+def test_each_series_lands_in_its_panel(drawn):
+  panels = _panels(drawn)
+  assert list(panels) == list(PANEL_TITLES)
+  gids = {title: _gids([ax, *twins]) for title, (ax, twins) in panels.items()}
+  objective, curriculum, lr, lm, samples, divergence = PANEL_TITLES
+  assert gids[objective] == {"train:loss/attention", "train:loss/kd", "train:loss/lm", "train:loss", "eval:loss"}
+  assert gids[curriculum] == {"train:weight/attention", "train:weight/kd", "train:weight/lm", "train:temperature"}
+  assert gids[lr] == {"train:lr"}
+  assert gids[lm] == {"eval:student_lm_loss", "eval:teacher_lm_loss", "scratch-eval:student_lm_loss"}
+  assert gids[samples] == {"eval:samples/teacher_nll", "eval:teacher_lm_loss"}
+  assert gids[divergence] == {"eval:kl_t1", "eval:samples/reverse_kl", "eval:top1_agreement"}
+  assert _legend_labels(panels[lm][0]) == ["distilled student", "teacher (frozen) = 1.250",
+                                           "student trained from scratch"]
+  assert _legend_labels(panels[samples][0]) == ["teacher NLL of the student's samples",
+                                                "teacher NLL of the held-out text = 1.250"]
+  assert panels[objective][0].get_ylabel() == "weighted objective (not an LM loss)"
+  # The values drawn are the records': held-out LM losses at the eval steps, the teacher's as one level.
+  lines = {line.get_gid(): line for line in panels[lm][0].lines}
+  assert list(lines["eval:student_lm_loss"].get_xdata()) == [10, 20, 30]
+  assert list(lines["eval:student_lm_loss"].get_ydata()) == [3.0, 2.5, 2.0]
+  assert list(lines["scratch-eval:student_lm_loss"].get_ydata()) == [4.0, 4.0, 4.0]
+  assert list(lines["eval:teacher_lm_loss"].get_ydata()) == [1.25, 1.25]
+  samples_nll = next(line for line in panels[samples][0].lines if line.get_gid() == "eval:samples/teacher_nll")
+  assert list(samples_nll.get_ydata()) == [4.0, 3.5, 3.0]
+
+
+def test_no_panel_mixes_the_weighted_objective_with_an_lm_loss(drawn):
+  def is_objective(gid):
+    return gid.split(":")[1] == "loss" or gid.split(":")[1].startswith("loss/")
+
+  def is_lm_loss(gid):
+    return re.search(r"lm_loss|_ppl|teacher_nll", gid) is not None
+
+  for title, (ax, twins) in _panels(drawn).items():
+    gids = _gids([ax, *twins])
+    assert not (any(map(is_objective, gids)) and any(map(is_lm_loss, gids))), (title, gids)
+  objective_gids = _gids([_panels(drawn)[PANEL_TITLES[0]][0]])
+  assert all(map(is_objective, objective_gids)) and len(objective_gids) == 5
+
+
+def test_legends_sit_below_their_panels_clear_of_every_axes_and_label(drawn):
+  renderer = drawn.canvas.get_renderer()
+  figure_box = drawn.bbox
+  legends = [ax.get_legend() for ax in drawn.axes[:len(PANEL_TITLES)]]
+  assert all(legend is not None for legend in legends)
+  boxes = [legend.get_window_extent(renderer) for legend in legends]
+  for ax, box in zip(drawn.axes, boxes):
+    assert figure_box.x0 <= box.x0 and box.x1 <= figure_box.x1 and figure_box.y0 <= box.y0, ax.get_title()
+    assert box.y1 < ax.bbox.y0  # under its panel's plotting area, so below every point drawn there
+    for other in drawn.axes:  # the panels and their twins (whose x axis draws nothing: no box)
+      assert not box.overlaps(other.bbox), (ax.get_title(), other.get_title())
+      x_axis_box = other.xaxis.get_tightbbox(renderer)  # tick labels and x label
+      assert x_axis_box is None or not box.overlaps(x_axis_box), (ax.get_title(), other.get_title())
+      assert not box.overlaps(other.title.get_window_extent(renderer)), ax.get_title()
+    assert sum(box.overlaps(other) for other in boxes) == 1  # itself only
+
+
+def test_a_constant_series_gets_an_axis_from_zero_to_twice_its_value():
+  train = [_train_record(s) | {"temperature": 1.0, "lr": 3e-4} for s in range(1, 31)]
+  with _figure(_curves(train, [])) as fig:
+    panels = _panels(fig)
+    curriculum_ax, (temperature_ax,) = panels[PANEL_TITLES[1]]
+    assert temperature_ax.get_ylim() == (0.0, 2.0)  # not matplotlib's 0.96 .. 1.04
+    ticks = [t for t in temperature_ax.get_yticks() if 0.0 <= t <= 2.0]
+    assert ticks == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0])
+    assert "KD temperature (constant T = 1)" in _legend_labels(curriculum_ax)
+    lr_ax = panels[PANEL_TITLES[2]][0]
+    assert lr_ax.get_ylim() == pytest.approx((0.0, 6e-4))
+    assert _legend_labels(lr_ax) == ["learning rate (constant 0.0003)"]
+    # No evaluation yet: the eval panels say so.
+    for title in PANEL_TITLES[3:]:
+      assert [t.get_text() for t in panels[title][0].texts][0].startswith("no ")
+
+
+def test_a_changing_series_keeps_its_range_and_a_plain_lm_run_reads_right(drawn):
+  _, (temperature_ax,) = _panels(drawn)[PANEL_TITLES[1]]
+  low, high = temperature_ax.get_ylim()  # 2.0 then 1.5: matplotlib's 5% margins
+  assert (low, high) == pytest.approx((1.475, 2.025))
+  lm_only = [{"step": s, "split": "train", "loss": 3.0 / s, "loss/lm": 3.0 / s, "weight/lm": 1.0, "lr": 1e-3 * s}
+             for s in range(1, 6)]
+  with _figure(_curves(lm_only, [])) as fig:
+    curriculum_ax, twins = _panels(fig)[PANEL_TITLES[1]]
+    assert curriculum_ax.get_ylim() == (0.0, 2.0) and twins == []  # no temperature logged: no twin axis
+    lm_ax = _panels(fig)[PANEL_TITLES[3]][0]
+    assert lm_ax.get_legend() is None and lm_ax.texts[0].get_text() == "no evaluation yet"
+  plain_lm_eval = [{"step": 5, "split": "eval", "loss": 2.0, "student_lm_loss": 2.0, "student_ppl": math.exp(2.0)}]
+  with _figure(_curves(lm_only, plain_lm_eval)) as fig:
+    lm_ax = _panels(fig)[PANEL_TITLES[3]][0]
+    assert _legend_labels(lm_ax) == ["student"]  # no teacher: not a "distilled" student
+    assert lm_ax.get_ylim() == (0.0, 4.0)  # one evaluation is a constant series too
+
+
+def test_two_tokenizers_compare_the_teacher_per_student_token():
+  evals = [_eval_record(10, 3.0) | {"teacher_lm_loss_per_student_token": 1.5}]
+  with _figure(_curves([_train_record(s) for s in (5, 10)], evals)) as fig:
+    lm_ax = _panels(fig)[PANEL_TITLES[3]][0]
+    assert _gids([lm_ax]) == {"eval:student_lm_loss", "eval:teacher_lm_loss_per_student_token"}
+    assert _legend_labels(lm_ax)[1] == "teacher (frozen), per student token = 1.500"
 
 
 def test_missing_file_and_no_train_records_name_the_path(tmp_path):

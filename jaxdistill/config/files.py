@@ -49,16 +49,16 @@ def model_group(name_or_path: str = "", *, arch: dict | None = None, param_dtype
   })
 
 
-# The recommended recipe (README "The recipe"): kd 0.7 and lm 0.3 at T = 1 in every phase, no auxiliary losses.
-# On the demo it beat the seed run's curriculum (below) and every other mix measured; base_config starts from it.
+# The recommended recipe (docs/demo.md, "The recipe"): kd 0.7 and lm 0.3 at T = 1 in every phase, no auxiliary losses.
+# On the demo it beat the original curriculum (below) and every other mix measured; base_config starts from it.
 RECOMMENDED_CURRICULUM = dict(temperature=(1.0, 1.0, 1.0), attention=(0.0,), feature=(0.0,), layerwise=(0.0,),
                               contrastive=(0.0,))
 
 
 def seed_recipe(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Puts back the seed run's curriculum: KD at T = 2.0 / 1.75 / 1.5, then attention and routing from 30%,
+  """Puts back the original curriculum: KD at T = 2.0 / 1.75 / 1.5, then attention and routing from 30%,
   layerwise and contrastive from 60% (the registry's per-component defaults). The P100 configs and the
-  benchmark config keep it, so that the run this project replaces stays reproducible."""
+  benchmark config keep it, so that the original P100 run stays reproducible."""
   cfg.curriculum = curriculum_config().as_group()
   return cfg
 
@@ -108,7 +108,7 @@ def arch_group(family: str = "llama", vocab_size: int = 0, hidden_size: int = 64
   """
   return ml_collections.ConfigDict({
       "family": family,                        # a transformers model_type of models/families (SUPPORTED_FAMILIES;
-                                               # the README's Models table); MoE: qwen3_moe, mixtral
+                                               # docs/models.md); MoE: qwen3_moe, mixtral
       "vocab_size": vocab_size,                # 0: the tokenizer's vocabulary size
       "hidden_size": hidden_size,
       "num_layers": num_layers,

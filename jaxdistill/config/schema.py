@@ -108,7 +108,9 @@ class LogSpec:
   debug_every_steps: int = 100          # [TRAIN DEBUG] block: raw, weight, weighted per component
   curriculum_every_steps: int = 500     # [CURRICULUM] block: step, progress, every weight
   tensorboard: bool = True              # also write WORKDIR/tensorboard
-  progress_bar: bool = True             # tqdm bar with loss, learning rate, tokens/s and ETA
+  progress_bar: bool = True             # tqdm bar (loss, learning rate, tokens/s, ETA) when stderr is a terminal
+  print_every_steps: int = 50           # no bar (a log file, or progress_bar=False): a [TRAIN] line every N steps,
+                                        # and at the first (it says its compile time) and the last
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ import ast
 import codecs
 import dataclasses
 import functools
+import glob
 import json
 import logging
 import os
@@ -35,12 +36,13 @@ import threading
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from jaxdistill.errors import ConfigError, JaxDistillError, first_line
-from jaxdistill.paths import looks_like_local_path
+from jaxdistill.paths import exists_locally, looks_like_local_path
 
 if TYPE_CHECKING:
   from jaxdistill.data.pipeline import DataConfig
 
 STDLIB_DOCS = "builtin:stdlib_docs"
+BUILTIN, LOCAL, MISSING_PATH, HUB = "builtin", "local", "missing path", "hub"  # the kinds of source (`source_kind`)
 LOCAL_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet")
 _FILE_SUFFIXES = LOCAL_EXTENSIONS + (".csv", ".tsv", ".arrow", ".md", ".xml", ".html", ".gz", ".bz2", ".xz",
                                      ".zst", ".zip", ".tar")  # a missing name ending so is a path, not a hub id
@@ -84,13 +86,14 @@ def read_documents(cfg: "DataConfig") -> tuple[list[str], DecodeStats]:
   limit = cfg.max_documents if cfg.max_documents > 0 else None
   source = cfg.source
   stats = DecodeStats()
-  if source.startswith("builtin:"):
+  kind = source_kind(source)
+  if kind == BUILTIN:
     if source not in _BUILTIN:
       raise ConfigError("data.source", source, f"a built-in corpus ({', '.join(_BUILTIN)}) or {SOURCES_ALLOWED}")
     documents = _take(_BUILTIN[source](), limit)
-  elif os.path.exists(os.path.expanduser(source)):
+  elif kind == LOCAL:
     documents = _take(_local_documents(os.path.expanduser(source), cfg, stats), limit)
-  elif _looks_like_path(source):
+  elif kind == MISSING_PATH:
     raise DataError(f"data.source: no such file or directory '{source}'")
   else:
     documents = _hub_documents(cfg, limit)
@@ -137,9 +140,16 @@ def _plural(count: int, noun: str) -> str:
   return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
-def _looks_like_path(source: str) -> bool:
-  """A missing local path, as opposed to a hub dataset id: a path by its form, or a name ending like a file."""
-  return looks_like_local_path(source) or source.lower().endswith(_FILE_SUFFIXES)
+def source_kind(source: str) -> str:
+  """What `data.source` names: BUILTIN ('builtin:...'), LOCAL (something exists there), MISSING_PATH (nothing
+  exists there and it is a path by its form, or a name ending like a file) or HUB (a hub dataset id)."""
+  if source.startswith("builtin:"):
+    return BUILTIN
+  if exists_locally(source):
+    return LOCAL
+  if looks_like_local_path(source) or source.lower().endswith(_FILE_SUFFIXES):
+    return MISSING_PATH
+  return HUB
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,6 +375,27 @@ def _undecodable(error: UnicodeDecodeError, raw: bytes, path: str, encoding: str
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face hub.
+
+def datasets_cache_dir() -> str:
+  """Where `datasets` keeps prepared datasets: $HF_DATASETS_CACHE, else HF_HOME/datasets (as `datasets.config`)."""
+  from huggingface_hub import constants  # light; `datasets` itself takes seconds to import
+
+  return os.path.expanduser(os.environ.get("HF_DATASETS_CACHE") or os.path.join(constants.HF_HOME, "datasets"))
+
+
+def cached_hub_dataset(source: str, subset: str) -> str | None:
+  """The newest directory of the `datasets` cache that `load_dataset(source, subset)` reads offline, or None.
+
+  Mirrors the cache fallback of `datasets` (`packaged_modules/cache`): `<cache>/<owner>___<name in snake
+  case>/<subset, or any>/<version>/<hash>/`.
+  """
+  *owner, name = source.split("/")
+  name = re.sub(r"([a-z\d])([A-Z])", r"\1_\2", re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)).lower()
+  root = glob.escape(os.path.join(datasets_cache_dir(), "___".join(owner + [name])))
+  found = [p for p in glob.glob(os.path.join(root, glob.escape(subset) if subset else "*", "*", "*"))
+           if os.path.isdir(p)]
+  return max(found, key=os.path.getmtime) if found else None
+
 
 def _hub_documents(cfg: "DataConfig", limit: int | None) -> list[str]:
   import datasets  # heavy import, only needed for hub datasets

@@ -29,7 +29,9 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
+import time
 from typing import Iterator, NamedTuple
 
 import grain
@@ -42,7 +44,7 @@ from jaxdistill.errors import ConfigError
 
 _CACHE_FORMAT = 3                # bump when the packing or the cache layout changes
 _TOKENIZE_CHUNK = 1000           # documents per tokenizer call (batched calls run in Rust, in parallel)
-_PROGRESS_MIN_DOCUMENTS = 1000   # fewer documents tokenize in well under a second: no progress bar
+_PROGRESS_MIN_DOCUMENTS = 1000   # fewer documents tokenize in well under a second: no progress shown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,11 +121,30 @@ def pack_sequences(tokens_T: np.ndarray, seq_len: int, pad_id: int,
   return ids_NxL, mask_NxL
 
 
+class _Progress:
+  """Tokenizing progress on stderr: a tqdm bar on a terminal; elsewhere (a log file) one line once done."""
+
+  def __init__(self, total: int, desc: str):
+    self.total, self.desc, self.start = total, desc, time.perf_counter()
+    shown = total >= _PROGRESS_MIN_DOCUMENTS
+    self.line = shown and not sys.stderr.isatty()  # a log file: no carriage-return redraws
+    self.bar = tqdm(total=total, desc=desc, unit="doc", disable=not shown or self.line)
+
+  def __enter__(self):
+    return self.bar
+
+  def __exit__(self, *exc) -> None:
+    self.bar.close()
+    if self.line and exc[0] is None:
+      print(f"{self.desc}: {self.total:,} documents in {time.perf_counter() - self.start:.1f} s", file=sys.stderr,
+            flush=True)
+
+
 def tokenize_documents(texts: list[str], tokenizer, eos_id: int, desc: str = "tokenizing") -> np.ndarray:
   """All documents' token ids, each followed by `eos_id`, concatenated: int32 [total tokens]."""
   pieces = []
   eos_1 = np.array([eos_id], np.int32)
-  with tqdm(total=len(texts), desc=desc, unit="doc", disable=len(texts) < _PROGRESS_MIN_DOCUMENTS) as bar:
+  with _Progress(len(texts), desc) as bar:
     for start in range(0, len(texts), _TOKENIZE_CHUNK):
       chunk = texts[start:start + _TOKENIZE_CHUNK]
       ids_per_document = tokenizer(chunk, add_special_tokens=False, return_attention_mask=False,
@@ -141,7 +162,7 @@ def tokenize_aligned(texts: list[str], tokenizer, teacher_tokenizer, eos_id: int
     return alignment.identical(tokenize_documents(texts, tokenizer, eos_id, desc))
   student, teacher = alignment.untrimmed_offsets(tokenizer), alignment.untrimmed_offsets(teacher_tokenizer)
   parts = []
-  with tqdm(total=len(texts), desc=desc, unit="doc", disable=len(texts) < _PROGRESS_MIN_DOCUMENTS) as bar:
+  with _Progress(len(texts), desc) as bar:
     for start in range(0, len(texts), _TOKENIZE_CHUNK):
       chunk = texts[start:start + _TOKENIZE_CHUNK]
       parts.append(alignment.align_documents(chunk, student, teacher, eos_id, teacher_eos_id))

@@ -5,7 +5,8 @@
   * `'bpe:N'`: a GPT-2 / SmolLM style byte-level BPE of N tokens in all (`train_byte_level_bpe`);
   * `'sp:N'`: a SentencePiece / Llama style BPE over characters with byte fallback, N tokens in all
     (`train_sentencepiece_bpe`);
-  * a Hugging Face hub id or a local directory with tokenizer files.
+  * a Hugging Face hub id or a local directory with tokenizer files;
+  * a llama.cpp `.gguf` file, whose metadata holds its tokenizer (`models/gguf_io.py`).
 `bpe:N` and `sp:N` are trained on the first `TRAIN_DOCUMENTS` documents of `builtin:stdlib_docs`, so two
 different, realistic tokenizers (for distillation across tokenizers) need no download. Training is deterministic;
 each is trained once and saved as a Hugging Face tokenizer directory under
@@ -25,8 +26,9 @@ import tempfile
 
 from jaxdistill import workdir_lock
 from jaxdistill.errors import ModelLoadError
-from jaxdistill.models import hf_io
+from jaxdistill.models import gguf_io, hf_io
 from jaxdistill.parallel import is_main_process
+from jaxdistill.paths import is_gguf
 
 BYTE_TOKENIZER = "byte"
 END_OF_TEXT = "<|endoftext|>"
@@ -47,24 +49,33 @@ def load_tokenizer(name_or_path: str, revision: str = "main"):
   """A transformers tokenizer with a pad token set, for any of the forms in `TOKENIZER_FORMS`.
 
   `'byte'` is built in; `'bpe:N'` and `'sp:N'` are trained on the built-in corpus (once, then cached, see the
-  module docstring); anything else is a local directory or a hub id (`revision` applies to hub ids only).
+  module docstring); a name ending in `.gguf` is a llama.cpp file; anything else is a local directory or a hub
+  id (`revision` applies to hub ids only).
   Raises `ModelLoadError` for a malformed spec or a missing or unusable tokenizer.
   """
   if name_or_path == BYTE_TOKENIZER:
     return byte_tokenizer()
-  spec = _trained_spec(name_or_path)
-  if spec is not None:
-    return trained_tokenizer(*spec)
+  if is_gguf(name_or_path):  # before the specs: a path may hold ':'
+    tok = gguf_io.gguf_tokenizer(name_or_path)
+  else:
+    spec = _trained_spec(name_or_path)
+    if spec is not None:
+      return trained_tokenizer(*spec)
+    tok = _hf_tokenizer(name_or_path, revision)
+  if tok.pad_token is None:
+    tok.pad_token = tok.eos_token
+  return tok
+
+
+def _hf_tokenizer(name_or_path: str, revision: str):
+  """The tokenizer of a local checkpoint directory or a hub id."""
   from transformers import AutoTokenizer
 
   path = hf_io.resolve(name_or_path, revision)
   try:
-    tok = AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
   except Exception as e:  # transformers raises OSError/ValueError/... for a directory without tokenizer files
     raise ModelLoadError(f"{path}: no usable tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-  if tok.pad_token is None:
-    tok.pad_token = tok.eos_token
-  return tok
 
 
 def _trained_spec(name: str) -> tuple[str, int] | None:

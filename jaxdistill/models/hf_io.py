@@ -3,6 +3,7 @@
 A checkpoint is a directory with `config.json` and safetensors weights (`model.safetensors`, or
 shards listed by `model.safetensors.index.json`). A name that is not a local directory is a hub id
 ('name' or 'owner/name'), fetched through the Hugging Face cache; any other name is a missing local path.
+A name ending in `.gguf` is a llama.cpp file instead, read by `gguf_io` (and exported as safetensors).
 """
 
 import dataclasses
@@ -17,8 +18,8 @@ from safetensors.numpy import save_file
 
 from jaxdistill.errors import ModelLoadError
 from jaxdistill.models import config as config_lib
-from jaxdistill.models import transformer, weights
-from jaxdistill.paths import looks_like_local_path
+from jaxdistill.models import gguf_io, transformer, weights
+from jaxdistill.paths import is_gguf, looks_like_local_path, missing_local_path
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -35,19 +36,22 @@ class Pretrained:
   path: str
 
 
-def resolve(name_or_path: str, revision: str = "main") -> str:
-  """A local directory for `name_or_path`: the directory itself, or the hub snapshot in the HF cache."""
+def resolve(name_or_path: str, revision: str = "main", local_files_only: bool = False) -> str:
+  """A local directory for `name_or_path`: the directory itself, or the hub snapshot in the HF cache.
+
+  `local_files_only`: the cache alone, never the network (as under HF_HUB_OFFLINE=1).
+  """
   path = os.path.expanduser(name_or_path)
   if os.path.isdir(path):
     return path
   if os.path.exists(path):
     raise ModelLoadError(f"'{name_or_path}' is a file, not a directory")
   if looks_like_local_path(name_or_path):
-    raise ModelLoadError(f"directory '{name_or_path}' does not exist (a local path: hub ids are 'name' or "
-                         f"'owner/name')")
+    raise ModelLoadError(missing_local_path(name_or_path))
   from huggingface_hub import snapshot_download  # a transformers dependency
   try:
-    return snapshot_download(repo_id=name_or_path, revision=revision, allow_patterns=_HUB_PATTERNS)
+    return snapshot_download(repo_id=name_or_path, revision=revision, allow_patterns=_HUB_PATTERNS,
+                             local_files_only=local_files_only)
   except Exception as e:  # offline, unknown repo, gated repo, bad revision: all end the same way
     raise ModelLoadError(
         f"could not get '{name_or_path}' (revision {revision}) from the Hugging Face hub or its cache "
@@ -100,12 +104,33 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def load_pretrained(name_or_path: str, revision: str = "main", param_dtype: str = "float32",
                     dtype: str = "float32") -> Pretrained:
-  """Reads a checkpoint into a Flax params pytree (numpy leaves in `param_dtype`)."""
+  """Reads a checkpoint into a Flax params pytree (numpy leaves in `param_dtype`).
+
+  `name_or_path` ending in `.gguf` is a llama.cpp file (`gguf_io`); `revision` applies to hub ids only.
+  """
+  if is_gguf(name_or_path):
+    return _load_gguf(name_or_path, param_dtype, dtype)
   path = resolve(name_or_path, revision)
   hf_config = read_config(path)
   cfg = config_lib.from_hf_config(hf_config, where=path).with_dtypes(param_dtype, dtype)
   params = weights.hf_to_flax(read_state_dict(path), cfg, transformer.param_shapes(cfg), where=path)
   return Pretrained(config=cfg, params=params, hf_config=hf_config, path=path)
+
+
+def _load_gguf(name_or_path: str, param_dtype: str, dtype: str) -> Pretrained:
+  """`load_pretrained` of a GGUF file: dequantised straight to `param_dtype` (half float32's memory in bf16)."""
+  file = gguf_io.open_gguf(name_or_path)
+  cfg = config_lib.from_hf_config(file.hf_config, where=file.path).with_dtypes(param_dtype, dtype)
+  state = file.state_dict(dtype=getattr(jax.numpy, cfg.param_dtype))
+  params = weights.hf_to_flax(state, cfg, transformer.param_shapes(cfg), where=file.path)
+  return Pretrained(config=cfg, params=params, hf_config=file.hf_config, path=file.path)
+
+
+def _default_file_mode() -> int:
+  """The mode `open()` gives a new file under the process's umask (0644 under the usual 022)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
 
 
 def save_pretrained(params, cfg: config_lib.ModelConfig, out_dir: str, *, hf_config: dict | None = None,
@@ -133,7 +158,9 @@ def save_pretrained(params, cfg: config_lib.ModelConfig, out_dir: str, *, hf_con
   os.makedirs(out_dir, exist_ok=True)
   np_dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}[dtype]
   state = weights.flax_to_hf(params, cfg, dtype=np_dtype)
-  save_file(state, os.path.join(out_dir, WEIGHTS_NAME), metadata={"format": "pt"})
+  weights_file = os.path.join(out_dir, WEIGHTS_NAME)
+  save_file(state, weights_file, metadata={"format": "pt"})
+  os.chmod(weights_file, _default_file_mode())  # safetensors writes 0600; transformers' files follow the umask
   base = dict(hf_config or {})
   if tokenizer is not None:
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the tokenizer shipped with it decides

@@ -13,6 +13,7 @@ from jaxdistill.errors import ConfigError, ModelLoadError
 from jaxdistill.models import hf_io, transformer
 from jaxdistill.models.config import ModelConfig, to_hf_config
 from jaxdistill.objective import cross_vocab, init_heads
+from jaxdistill.paths import is_gguf
 from jaxdistill.training import state as state_lib
 from jaxdistill.training import steps
 from jaxdistill.training.optim import check_warmup, make_optimizer
@@ -78,11 +79,13 @@ def _vocabulary(name_or_path: str, revision: str) -> dict[str, int] | None:
   """A checkpoint's token -> id map, or None without tokenizer files.
 
   A `tokenizer.json` is read with the `tokenizers` library alone (importing transformers' tokenizer
-  classes costs seconds); other formats go through `load_tokenizer`.
+  classes costs seconds); other formats, and a GGUF file's metadata, go through `load_tokenizer`.
   """
   from tokenizers import Tokenizer
 
   try:
+    if is_gguf(name_or_path):
+      return load_tokenizer(name_or_path, revision).get_vocab()
     path = hf_io.resolve(name_or_path, revision)
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
       return Tokenizer.from_file(os.path.join(path, "tokenizer.json")).get_vocab(with_added_tokens=True)

@@ -1,9 +1,12 @@
-"""Host-side metrics: token-weighted reduction, the log blocks, metrics.jsonl and TensorBoard."""
+"""Host-side metrics: token-weighted reduction, the log blocks, progress, metrics.jsonl and TensorBoard."""
 
+import contextlib
 import json
 import math
 import os
 import sys
+import time
+from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -67,9 +70,136 @@ def _ppl(loss: float) -> float:
 
 
 def log(message: str) -> None:
-  """Prints a run block to stdout without breaking the progress bar (on stderr); process 0 only."""
+  """Prints a run block to stdout without breaking the progress bar (on stderr); process 0 only.
+
+  Flushed at once: a redirected stdout is block-buffered, and a log file should follow the run.
+  """
   if is_main_process():
     tqdm.write(message, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def clock(seconds: float) -> str:
+  """A duration as H:MM:SS, or M:SS under an hour, to the nearest second."""
+  minutes, secs = divmod(int(seconds + 0.5), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class StepTimer:
+  """Wall-clock times of this process's optimizer steps, from `start_step` (0, or the step a run resumed at).
+
+  The first step includes compiling the train step, so the rate and the ETA are measured from its end on;
+  `left_out` seconds after it (the first evaluation, which compiles the eval step) do not count either.
+  """
+
+  def __init__(self, start_step: int, total_steps: int, tokens_per_step: int, now: float):
+    self.start_step, self.total_steps, self.tokens_per_step = start_step, total_steps, tokens_per_step
+    self.started = now
+    self.first_done: float | None = None  # when the first step (with its compilation) ended
+    self.left_out = 0.0
+
+  @property
+  def first_step(self) -> int:
+    return self.start_step + 1
+
+  def tick(self, step: int, now: float) -> None:
+    if step == self.first_step:
+      self.first_done = now
+
+  def compile_s(self) -> float:
+    """The first step's seconds, compilation included."""
+    return self.first_done - self.started
+
+  def seconds_per_step(self, step: int, now: float) -> float | None:
+    """The mean over the steps after the first (evaluations and checkpoints included); None before there is one."""
+    steps = step - self.first_step
+    return (now - self.first_done - self.left_out) / steps if steps > 0 and self.first_done is not None else None
+
+  def eta(self, step: int, now: float) -> float | None:
+    per_step = self.seconds_per_step(step, now)
+    return None if per_step is None else per_step * (self.total_steps - step)
+
+  def tokens_per_s(self, step: int, now: float) -> float | None:
+    per_step = self.seconds_per_step(step, now)
+    return None if per_step is None else self.tokens_per_step / max(per_step, 1e-9)
+
+
+def _progress_parts(timer: StepTimer, step: int, metrics: dict | None, now: float) -> list[str]:
+  """Loss and learning rate (when known), then tokens/s from the steps after the first (once there are some)."""
+  parts = [f"loss={metrics['loss']:.4f}", f"lr={metrics['lr']:.2e}"] if metrics else []
+  tokens_per_s = timer.tokens_per_s(step, now)
+  return parts + ([f"{tokens_per_s:,.0f} tok/s"] if tokens_per_s is not None else [])
+
+
+def _eta(timer: StepTimer, step: int, now: float) -> list[str]:
+  eta = timer.eta(step, now)
+  return [f"ETA {clock(eta)}"] if eta is not None else []
+
+
+def train_line(timer: StepTimer, step: int, metrics: dict | None, now: float) -> str:
+  """The plain `[TRAIN]` progress line that stands in for the bar in a log file: short, no carriage return."""
+  total = timer.total_steps
+  parts = [f"[TRAIN] step {step}/{total} ({100.0 * step / max(total, 1):.1f}%)",
+           *_progress_parts(timer, step, metrics, now), f"elapsed {clock(now - timer.started)}",
+           *_eta(timer, step, now)]
+  if step == timer.first_step:
+    parts.append(f"step {step} took {timer.compile_s():.1f} s with compilation (not in the ETA)")
+  return "  ".join(parts)
+
+
+class Progress:
+  """A run's progress: a tqdm bar when `bar` (stderr a terminal and `log.progress_bar`), else a `[TRAIN]` line
+  at the first step (it says its compile time), the second (the first rate), every `every` steps and the last.
+  Process 0 shows it.
+
+  Neither counts compilation in its rate or ETA: the first step, the first evaluation (`evaluating`). tqdm's own
+  rate and ETA are left out of the bar.
+  `update(step, metrics)` takes the step's loss and lr: always at the steps `wants_metrics` names, else None
+  or a training record; the bar shows the last it was given.
+  """
+
+  _BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
+
+  def __init__(self, start_step: int, total_steps: int, tokens_per_step: int, every: int, bar: bool,
+               now=time.perf_counter):
+    self.now, self.every, self.plain = now, every, not bar
+    self.timer = StepTimer(start_step, total_steps, tokens_per_step, now())
+    self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                    bar_format=self._BAR_FORMAT) if bar and is_main_process() else None
+    self.last_metrics: dict | None = None
+    self.evaluated = False
+
+  @contextlib.contextmanager
+  def evaluating(self):
+    """Around an evaluation: the first one compiles the eval step, so its time is left out of the rate."""
+    start = self.now()
+    yield
+    if not self.evaluated:
+      self.timer.left_out += self.now() - start
+      self.evaluated = True
+
+  def wants_metrics(self, step: int) -> bool:
+    """The steps whose loss and lr are shown: the first (on the bar too), and those of a `[TRAIN]` line."""
+    first = self.timer.first_step
+    due = step == first + 1 or step % self.every == 0 or step == self.timer.total_steps
+    return step == first or (self.plain and due)
+
+  def update(self, step: int, metrics: dict | None) -> None:
+    now = self.now()
+    self.timer.tick(step, now)
+    self.last_metrics = metrics or self.last_metrics
+    if self.bar is not None:  # process 0 of a bar run
+      parts = _progress_parts(self.timer, step, self.last_metrics, now) + _eta(self.timer, step, now)
+      compiled = f"step {self.timer.first_step} with compilation {self.timer.compile_s():.1f} s"
+      self.bar.set_postfix_str(", ".join(parts + [compiled]), refresh=False)
+      self.bar.update(1)
+    elif self.plain and self.wants_metrics(step):
+      log(train_line(self.timer, step, metrics, now))
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
 
 
 def curriculum_block(step: int, total_steps: int, split: str, metrics: dict) -> str:
@@ -79,10 +209,20 @@ def curriculum_block(step: int, total_steps: int, split: str, metrics: dict) -> 
           f"temperature={metrics['router/temperature']:.3g}\n  weights: {weights}")
 
 
-def debug_block(step: int, metrics: dict) -> str:
+def debug_block(step: int, metrics: dict, active: Sequence[str] = COMPONENTS) -> str:
+  """Raw, weight and weighted value of each component, and whether the weighted ones sum to the loss.
+
+  `active`: the components the objective weighs at some step. The others (weight 0 throughout the run) are
+  hidden while their values are all 0, and named on one line; the sum is checked over every component.
+  """
+  shown = [c for c in COMPONENTS if c in active or any(metrics[f"{k}/{c}"] for k in ("raw", "weight", "loss"))]
+  hidden = [c for c in COMPONENTS if c not in shown]
   lines = [f"[TRAIN DEBUG] step {step}", f"  {'component':30s} {'raw':>12s} {'weight':>9s} {'weighted':>12s}"]
-  for c in COMPONENTS:
+  for c in shown:
     lines.append(f"  {c:30s} {metrics[f'raw/{c}']:12.6g} {metrics[f'weight/{c}']:9.4g} {metrics[f'loss/{c}']:12.6g}")
+  if hidden:
+    plural = "s" if len(hidden) > 1 else ""
+    lines.append(f"  ({len(hidden)} component{plural} with weight 0 hidden: {', '.join(hidden)})")
   parts = sum(metrics[f"loss/{c}"] for c in COMPONENTS)
   match = "match" if math.isclose(parts, metrics["loss"], rel_tol=1e-5, abs_tol=1e-6) else "MISMATCH"
   lines.append(f"  sum of weighted = {parts:.6g}   total loss = {metrics['loss']:.6g}   ({match})")

@@ -1,4 +1,4 @@
-"""Run monitor: the health checks the seed run's operators made by hand.
+"""Run monitor: the health checks an operator would otherwise make by hand.
 
 It watches host-side numbers the loop already has (cumulative counters from the state, logged
 losses, evaluation results), prints a warning when one trips and summarises them at the end. Its

@@ -20,6 +20,7 @@ from jaxdistill.config import Config, DebugSpec, StagesSpec
 from jaxdistill.config.schema import LM_EVAL_METRICS
 from jaxdistill.data.corpus import source_fingerprint
 from jaxdistill.errors import JaxDistillError
+from jaxdistill.inputs import check_inputs
 from jaxdistill.objective.offline_teacher import OfflineTeacherSpec
 from jaxdistill.parallel import is_main_process
 from jaxdistill.training.build import has_tokenizer
@@ -149,7 +150,12 @@ def comparison_table(c: dict) -> str:
 
 
 def run(cfg: Config, workdir: str, resume: str | None = None) -> dict:
-  """The whole job, holding the workdir's lock: [teacher training], the run, [scratch baseline], the plot."""
+  """The whole job, holding the workdir's lock: [teacher training], the run, [scratch baseline], the plot.
+
+  Every input the config names is checked first, all at once (`inputs.check_inputs`): a missing model,
+  tokenizer or data source stops the run before any of them loads.
+  """
+  check_inputs(cfg)
   with workdir_lock.hold(workdir, enabled=is_main_process()):
     return _run(cfg, workdir, resume)
 

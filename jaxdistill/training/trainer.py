@@ -9,11 +9,11 @@ interrupted; exports the student in Hugging Face format at the end.
 import os
 import signal
 import sys
+import textwrap
 import time
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from jaxdistill import config as config_lib
 from jaxdistill import parallel, workdir_lock
@@ -91,6 +91,15 @@ def _curriculum_rows(cur) -> list[str]:
   return rows
 
 
+_RUN_WIDTH = 150  # a longer [RUN] line wraps at its spaces, under the labels: a log file's lines stay short
+
+
+def _wrapped(line: str) -> str:
+  """`line`, broken at spaces into lines of at most `_RUN_WIDTH` (a longer word stays whole), indented under labels."""
+  return "\n".join(textwrap.wrap(line, _RUN_WIDTH, subsequent_indent=" " * 12, break_long_words=False,
+                                 break_on_hyphens=False))
+
+
 def _summary(cfg, teacher, student, state, data, setup: StepSetup, total_steps: int, start_step: int,
              plan: parallel.MeshPlan, offline: offline_teacher.RunRecords | None = None) -> str:
   accumulation = setup.optim.accumulation_steps
@@ -116,7 +125,7 @@ def _summary(cfg, teacher, student, state, data, setup: StepSetup, total_steps: 
       objective.append(f"  offline teacher: top-{setup.objective.offline_top_k} logits, "
                        f"{store.bytes_per_token:,.0f} bytes per token, {store.rows_filled:,} of {store.num_rows:,} "
                        f"rows recorded in {store.directory}")
-  return "\n".join([
+  return "\n".join(_wrapped(line) for line in [
       "[RUN]",
       f"  devices : {jax.device_count()} x {device.platform} ({device.device_kind}); mesh {plan.describe()}",
       *models,
@@ -231,6 +240,7 @@ class _Loop:
     self.train_step, self.eval_step = compile_steps(self.setup, self.teacher.params if self.distill else None,
                                                     run.vocab_map, plan, self.state)
     objective = self.setup.objective
+    self.active_components = tuple(c.name for c in objective.components())  # weighted at some step
     self.offline = offline_teacher.for_run(
         cfg.offline_teacher.dir or os.path.join(workdir, "offline_teacher"), objective, self.student.config,
         self.teacher, self.data) if objective.teacher == "records" else None
@@ -295,7 +305,7 @@ class _Loop:
     if reason:
       raise self.diverged(step, reason)
     if step % cfg.log.debug_every_steps == 0:
-      log(metrics_lib.debug_block(step, record))
+      log(metrics_lib.debug_block(step, record, self.active_components))
     if self.distill and step % cfg.log.curriculum_every_steps == 0:
       log(metrics_lib.curriculum_block(step, self.total_steps, "train", record))
     return record
@@ -324,12 +334,18 @@ class _Loop:
     self.micro_step += 1
     return step_metrics
 
+  def _progress(self) -> metrics_lib.Progress:
+    """The bar on a terminal (stderr), plain `[TRAIN]` lines in a log file or with log.progress_bar=False."""
+    cfg = self.cfg
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * self.accumulation
+    return metrics_lib.Progress(self.micro_step // self.accumulation, self.total_steps, tokens_per_step,
+                                cfg.log.print_every_steps, bar=cfg.log.progress_bar and sys.stderr.isatty())
+
   def train(self) -> None:
     """Micro-batches until the last optimizer step (or early stopping); an emergency checkpoint on any error."""
     cfg, accumulation, batches_per_epoch = self.cfg, self.accumulation, self.data.batches_per_epoch
     last_train, window_start, window_tokens = None, time.perf_counter(), 0
-    bar = tqdm(total=self.total_steps, initial=self.micro_step // accumulation, unit="step", dynamic_ncols=True,
-               file=sys.stderr, disable=not cfg.log.progress_bar or not parallel.is_main_process())
+    progress = self._progress()
     try:
       with _StopFlag() as stop:
         while self.micro_step < self.total_steps * accumulation:
@@ -338,17 +354,20 @@ class _Loop:
           if self.micro_step % accumulation:
             continue
           step = self.micro_step // accumulation
-          bar.update(1)
           self.checkpointer.seal_finished()
+          shown = None
           if step % cfg.log.every_steps == 0 or step % cfg.log.debug_every_steps == 0 or step == self.total_steps:
-            last_train = self.record_train(step, step_metrics, time.perf_counter() - window_start, window_tokens)
-            bar.set_postfix(loss=f"{last_train['loss']:.4f}", lr=f"{last_train['lr']:.2e}",
-                            tok_s=f"{last_train['tokens_per_s']:,.0f}")
+            last_train = shown = self.record_train(step, step_metrics, time.perf_counter() - window_start,
+                                                   window_tokens)
             window_start, window_tokens = time.perf_counter(), 0
+          elif progress.wants_metrics(step):
+            shown = _host({k: step_metrics[k] for k in ("loss", "lr")})
+          progress.update(step, shown)
           # This optimizer step's micro-batches crossed into a new data epoch (grain's epochs, by micro-batch).
           epoch_end = self.micro_step // batches_per_epoch != (self.micro_step - accumulation) // batches_per_epoch
           if step % cfg.train.eval_every_steps == 0 or step == self.total_steps:
-            result = self.evaluate(step)
+            with progress.evaluating():
+              result = self.evaluate(step)
             if last_train is not None:
               for warning in self.monitor.on_eval(result["loss"], last_train["loss"]):
                 log(warning)
@@ -362,12 +381,12 @@ class _Loop:
           if stop.signum is not None:
             raise Interrupted(stop.signum)
     except BaseException as error:
-      bar.close()
+      progress.close()
       _emergency_save(self.checkpointer, self.state, self.micro_step, accumulation, self.run_meta, error)
       _close_quietly(self.checkpointer)
       self.writer.close()
       raise
-    bar.close()
+    progress.close()
 
   def finish(self) -> dict:
     """The final evaluation (unless the last step had one), the checkpoints closed, the student exported."""
