@@ -5,7 +5,8 @@ run in order in one directory, as a user would type them after `source .venv/bin
 interpreter's bin directory first on PATH). The tiny form of a command changes one thing: a config file gets its
 `:smoke` form (tiny random models, the built-in corpus; `:cross` becomes `:cross_smoke`). The files the commands
 name (`my_corpus.jsonl`, `models/teacher.Q8_0.gguf`) are tiny stand-ins made here. Install lines are what
-`.ci/run` has already done; they are checked against the list below, not run.
+`.ci/run` has already done; they are checked against the list below, not run. Commands quoted inline in the prose
+are not run: the hub ones (`hf download`, `hf upload`) need a network, `pip install -e '.[cuda12]'` a GPU.
 """
 
 import json
