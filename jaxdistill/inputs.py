@@ -22,10 +22,10 @@ import urllib.error
 import urllib.request
 
 from jaxdistill.data import corpus
-from jaxdistill.data.tokenizer import BYTE_TOKENIZER
+from jaxdistill.data.tokenizer import BYTE_TOKENIZER, is_trained_spec
 from jaxdistill.errors import MissingInputsError, ModelLoadError
 from jaxdistill.models import hf_io
-from jaxdistill.paths import is_gguf, looks_like_local_path, missing_local_path
+from jaxdistill.paths import exists_locally, is_gguf, looks_like_local_path, missing_local_path
 from jaxdistill.training.metrics import log
 
 MODEL, TOKENIZER, DATA = "model", "tokenizer", "data"  # the kinds of input
@@ -50,7 +50,7 @@ class Input:
     """Whether it names a local path: something exists there, or the name can only be a path."""
     if self.kind == DATA:
       return corpus.source_kind(self.name) != corpus.HUB
-    return os.path.exists(os.path.expanduser(self.name)) or looks_like_local_path(self.name)
+    return exists_locally(self.name) or looks_like_local_path(self.name)
 
 
 def config_inputs(cfg) -> list[Input]:
@@ -74,9 +74,8 @@ def config_inputs(cfg) -> list[Input]:
 
 
 def _builtin_tokenizer(name: str) -> bool:
-  """'byte', or a trained 'kind:N' spec (`tokenizer.load_tokenizer` reports a malformed one; hub ids never hold ':',
-  a .gguf path may)."""
-  return name == BYTE_TOKENIZER or (":" in name and not os.path.isdir(name) and not is_gguf(name))
+  """'byte', or a trained 'kind:N' spec (`tokenizer.load_tokenizer` reports a malformed one)."""
+  return name == BYTE_TOKENIZER or is_trained_spec(name)
 
 
 def check_inputs(cfg) -> None:
@@ -104,7 +103,7 @@ def check_inputs(cfg) -> None:
     if problem is not None:
       problems.append(problem)
   records = cfg.offline_teacher.dir if cfg.offline_teacher.top_k else ""
-  if records and os.path.exists(os.path.expanduser(records)) and not os.path.isdir(os.path.expanduser(records)):
+  if records and exists_locally(records) and not os.path.isdir(os.path.expanduser(records)):
     problems.append(f"offline_teacher.dir: '{records}' is a file, not a directory; set offline_teacher.dir to a "
                     "directory (created when missing) or '' for WORKDIR/offline_teacher")
   if problems:

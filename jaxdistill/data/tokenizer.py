@@ -55,13 +55,10 @@ def load_tokenizer(name_or_path: str, revision: str = "main"):
   """
   if name_or_path == BYTE_TOKENIZER:
     return byte_tokenizer()
-  if is_gguf(name_or_path):  # before the specs: a path may hold ':'
-    tok = gguf_io.gguf_tokenizer(name_or_path)
-  else:
-    spec = _trained_spec(name_or_path)
-    if spec is not None:
-      return trained_tokenizer(*spec)
-    tok = _hf_tokenizer(name_or_path, revision)
+  spec = _trained_spec(name_or_path)
+  if spec is not None:
+    return trained_tokenizer(*spec)
+  tok = gguf_io.gguf_tokenizer(name_or_path) if is_gguf(name_or_path) else _hf_tokenizer(name_or_path, revision)
   if tok.pad_token is None:
     tok.pad_token = tok.eos_token
   return tok
@@ -78,9 +75,15 @@ def _hf_tokenizer(name_or_path: str, revision: str):
     raise ModelLoadError(f"{path}: no usable tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
+def is_trained_spec(name: str) -> bool:
+  """Whether `name` is written as a trained tokenizer's spec ('kind:N', malformed ones included: `load_tokenizer`
+  refuses those): it holds ':' (hub ids never do) and is neither an existing directory nor a .gguf file."""
+  return ":" in name and not os.path.isdir(name) and not is_gguf(name)
+
+
 def _trained_spec(name: str) -> tuple[str, int] | None:
-  """`(kind, N)` for `'bpe:N'` or `'sp:N'`; None for a name without ':' or an existing directory."""
-  if ":" not in name or os.path.isdir(name):  # hub ids never hold ':'
+  """`(kind, N)` for `'bpe:N'` or `'sp:N'`; None for a name that is not a spec (`is_trained_spec`)."""
+  if not is_trained_spec(name):
     return None
   match = _SPEC.fullmatch(name)
   if match is None or int(match[2]) < MIN_VOCAB_SIZE[match[1]]:
